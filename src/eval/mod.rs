@@ -1,0 +1,1 @@
+//! Analytic image evaluator.

@@ -1,0 +1,61 @@
+//! The LoRA deltas active for one forward pass, keyed by module path.
+
+use std::collections::HashMap;
+
+use candle_core::Tensor;
+
+/// One low-rank update `scale · up · down` of a module's weight.
+///
+/// `down` is `[rank, in]` (or `[rank, in, kh, kw]` for a convolution) and `up` is `[out, rank]`
+/// (or `[out, rank, 1, 1]`). `scale` folds together the request weight and `alpha / rank`.
+#[derive(Clone, Debug)]
+pub struct LoraDelta {
+    pub down: Tensor,
+    pub up: Tensor,
+    pub scale: f64,
+}
+
+/// The deltas applied in one forward pass of one model component. Building a set never
+/// touches the base weights, so a request sees exactly the adapters it names.
+#[derive(Clone, Debug, Default)]
+pub struct LoraSet {
+    deltas: HashMap<String, Vec<LoraDelta>>,
+}
+
+impl LoraSet {
+    /// The deltas for the module at `path` (e.g. `down_blocks.0.attentions.0.proj_in`).
+    pub fn get(&self, path: &str) -> &[LoraDelta] {
+        if self.deltas.is_empty() {
+            return &[];
+        }
+        self.deltas.get(path).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    pub fn push(&mut self, path: impl Into<String>, delta: LoraDelta) {
+        self.deltas.entry(path.into()).or_default().push(delta);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.deltas.is_empty()
+    }
+
+    /// Number of modules that carry at least one delta.
+    pub fn num_modules(&self) -> usize {
+        self.deltas.len()
+    }
+}
+
+/// Per-component LoRA sets for one pipeline call.
+#[derive(Clone, Debug, Default)]
+pub struct PipelineLora {
+    pub unet: LoraSet,
+    pub text_encoder: LoraSet,
+}
+
+impl LoraSet {
+    /// A shared empty set, for components that run without adapters.
+    pub fn none() -> &'static LoraSet {
+        static NONE: std::sync::OnceLock<LoraSet> = std::sync::OnceLock::new();
+        NONE.get_or_init(LoraSet::default)
+    }
+}
