@@ -1,0 +1,25 @@
+//! Helpers shared by the integration tests: fixture paths and tensor comparisons.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+
+/// The tiny diffusers-made SD 1.x pipeline copied from the shared fixtures.
+pub fn fixture_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd1")
+}
+
+/// The reference tensors of `reference/components.safetensors`.
+pub fn components() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture_dir().join("reference/components.safetensors"), &Device::Cpu)
+        .expect("reference components")
+}
+
+/// Largest absolute element-wise difference.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_dtype(candle_core::DType::F64).unwrap();
+    let b = b.to_dtype(candle_core::DType::F64).unwrap();
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+}
