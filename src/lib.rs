@@ -4,9 +4,15 @@
 //! - [`model`]: diffusers-exact model code (UNet, VAE, CLIP) built from differentiable ops.
 //! - [`lora`]: LoRA adapter files, per-request delta sets and trainable adapters.
 //! - [`engine`]: schedulers, seeded noise and the text-to-image pipeline.
+//! - [`align`] and [`rewards`]: AlignProp training and the rewards it maximises.
+//! - [`dataset`] and [`eval`]: the procedural shapes data and its analytic evaluator.
 
-pub mod engine;
-pub mod lora;
-pub mod model;
+// pub mod align; (pending)
 pub mod dataset;
+pub mod engine;
 pub mod eval;
+pub mod lora;
+pub mod memory;
+pub mod model;
+pub mod rewards;
+// pub mod server; (pending: enabled once engine::pipeline and cli land)

@@ -1,4 +1,7 @@
-//! The text-to-image engine: seeded noise, schedulers and the pipeline.
+//! The text-to-image engine: seeded noise, schedulers, guidance and the pipeline.
 
+pub mod denoise;
+pub mod image;
 pub mod noise;
+// pub mod pipeline; (pending)
 pub mod scheduler;

@@ -2,5 +2,7 @@
 //! trainable adapters.
 
 mod set;
+// mod trainable; (pending)
 
 pub use set::{LoraDelta, LoraSet, PipelineLora};
+// pub use trainable::{TrainableLora, TrainableModule};

@@ -1,0 +1,224 @@
+//! The AlignProp training loop: sample with DDIM from seeded noise, backpropagate the reward
+//! through the last K steps into LoRA factors, AdamW with clipping and accumulation.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::backprop::{recompute, Trajectory};
+use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::engine::noise::NoiseRng;
+use crate::engine::pipeline::StableDiffusion;
+use crate::engine::scheduler::Ddim;
+use crate::lora::{LoraSet, TrainableLora};
+use crate::rewards::WeightedRewards;
+
+/// How many final denoising steps carry gradient.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "mode")]
+pub enum Truncation {
+    /// The last `k` steps.
+    Fixed { k: usize },
+    /// `k` drawn uniformly from `min..=max` for every trajectory.
+    Random { min: usize, max: usize },
+}
+
+impl Truncation {
+    fn draw(&self, rng: &mut ChaCha8Rng) -> usize {
+        match *self {
+            Truncation::Fixed { k } => k,
+            Truncation::Random { min, max } => rng.random_range(min..=max),
+        }
+    }
+
+    fn max_k(&self) -> usize {
+        match *self {
+            Truncation::Fixed { k } => k,
+            Truncation::Random { max, .. } => max,
+        }
+    }
+}
+
+/// Hyperparameters of one run (defaults follow the AlignProp reference where it applies).
+#[derive(Clone, Debug)]
+pub struct AlignConfig {
+    pub prompts: Vec<String>,
+    pub negative_prompt: String,
+    pub steps: usize,
+    pub adamw: AdamWConfig,
+    pub max_grad_norm: f64,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub truncation: Truncation,
+    pub sampler_steps: usize,
+    pub guidance_scale: f64,
+    pub eta: f64,
+    pub seed: u64,
+    pub width: usize,
+    pub height: usize,
+    pub time_budget_s: Option<f64>,
+}
+
+impl AlignConfig {
+    /// Rejects inconsistent settings with a message naming the field.
+    pub fn validate(&self) -> Result<()> {
+        if self.prompts.is_empty() {
+            bail!("prompts: at least one prompt is required");
+        }
+        if self.steps == 0 || self.batch_size == 0 || self.grad_accum == 0 || self.sampler_steps == 0 {
+            bail!("steps, batch_size, grad_accum and sampler_steps must be positive");
+        }
+        let max_k = self.truncation.max_k();
+        let min_k = match self.truncation {
+            Truncation::Fixed { k } => k,
+            Truncation::Random { min, .. } => min,
+        };
+        if min_k == 0 || min_k > max_k || max_k > self.sampler_steps {
+            bail!("truncation: k must satisfy 1 <= k <= sampler_steps ({})", self.sampler_steps);
+        }
+        if !(self.adamw.lr > 0.0 && self.adamw.lr.is_finite()) {
+            bail!("learning_rate must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// What one optimisation step measured.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StepReport {
+    pub step: usize,
+    pub reward_mean: f64,
+    pub reward_std: f64,
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub seconds: f64,
+}
+
+/// Why training stopped before `steps`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    Completed,
+    TimeBudget,
+}
+
+/// Text embeddings per prompt, computed once.
+struct PromptCache<'a> {
+    sd: &'a StableDiffusion,
+    negative: &'a str,
+    guidance: f64,
+    cache: HashMap<String, Tensor>,
+}
+
+impl PromptCache<'_> {
+    fn get(&mut self, prompt: &str) -> Result<Tensor> {
+        if let Some(t) = self.cache.get(prompt) {
+            return Ok(t.clone());
+        }
+        let t = self.sd.text_embeddings(prompt, self.negative, self.guidance, LoraSet::none())?;
+        self.cache.insert(prompt.to_string(), t.clone());
+        Ok(t)
+    }
+}
+
+/// Trains `lora` in place; `on_step` sees every report and may return an error (e.g.
+/// cancellation) to stop.
+pub fn train(
+    sd: &StableDiffusion,
+    cfg: &AlignConfig,
+    rewards: &WeightedRewards,
+    lora: &TrainableLora,
+    on_step: &mut dyn FnMut(&StepReport) -> Result<()>,
+) -> Result<StopReason> {
+    cfg.validate()?;
+    let shape = sd.latent_shape(cfg.width, cfg.height)?;
+    let scheduler = Ddim::new(&sd.scheduler_config, cfg.sampler_steps, cfg.eta)?;
+    let mut prompts = PromptCache { sd, negative: &cfg.negative_prompt, guidance: cfg.guidance_scale, cache: HashMap::new() };
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let mut opt = AdamW::new(lora.vars().into_iter().cloned().collect(), cfg.adamw)?;
+    let started = Instant::now();
+    let samples_per_step = cfg.batch_size * cfg.grad_accum;
+
+    for step in 1..=cfg.steps {
+        let t0 = Instant::now();
+        let mut grads: Option<Vec<Tensor>> = None;
+        let (mut rewards_seen, mut loss_sum) = (Vec::new(), 0.0);
+        for _ in 0..samples_per_step {
+            let prompt = cfg.prompts[rng.random_range(0..cfg.prompts.len())].clone();
+            let context = prompts.get(&prompt)?;
+            let mut noise = NoiseRng::new(rng.random());
+            let x_t = noise.randn(shape, sd.dtype, &sd.device)?;
+            let step_noise = if cfg.eta > 0.0 {
+                (0..cfg.sampler_steps).map(|_| noise.randn(shape, sd.dtype, &sd.device).map(Some)).collect::<candle_core::Result<_>>()?
+            } else {
+                vec![]
+            };
+            let traj = Trajectory { unet: &sd.unet, scheduler: &scheduler, context: &context, guidance_scale: cfg.guidance_scale, step_noise };
+            let prompt_list = [prompt];
+            let objective = |x0: &Tensor| {
+                let r = rewards.score(&sd.decode(x0).map_err(candle_core::Error::wrap)?, &prompt_list)?;
+                Ok((r.mean_all()?.neg()?, r))
+            };
+            let k = cfg.truncation.draw(&mut rng);
+            let bp = recompute(&traj, lora, &x_t, k, &objective)?;
+            loss_sum += bp.loss;
+            rewards_seen.extend(bp.rewards);
+            grads = Some(match grads {
+                None => bp.grads,
+                Some(acc) => acc.iter().zip(&bp.grads).map(|(a, g)| a + g).collect::<candle_core::Result<_>>()?,
+            });
+        }
+        let mut grads: Vec<Tensor> =
+            grads.unwrap_or_default().iter().map(|g| g / samples_per_step as f64).collect::<candle_core::Result<_>>()?;
+        let loss = loss_sum / samples_per_step as f64;
+        let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            bail!("non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}");
+        }
+        opt.step(&grads)?;
+        let (mean, std) = mean_std(&rewards_seen);
+        on_step(&StepReport { step, reward_mean: mean, reward_std: std, loss, grad_norm, seconds: t0.elapsed().as_secs_f64() })?;
+        if cfg.time_budget_s.is_some_and(|b| started.elapsed().as_secs_f64() >= b) && step < cfg.steps {
+            return Ok(StopReason::TimeBudget);
+        }
+    }
+    Ok(StopReason::Completed)
+}
+
+/// Mean and population standard deviation.
+pub fn mean_std(xs: &[f64]) -> (f64, f64) {
+    if xs.is_empty() {
+        return (0.0, 0.0);
+    }
+    let mean = xs.iter().sum::<f64>() / xs.len() as f64;
+    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / xs.len() as f64;
+    (mean, var.sqrt())
+}
+
+/// Mean reward of images generated (DDIM, no gradient) for every `(prompt, seed)` pair.
+pub fn evaluate(
+    sd: &StableDiffusion,
+    cfg: &AlignConfig,
+    rewards: &WeightedRewards,
+    lora: &LoraSet,
+    cases: &[(String, u64)],
+) -> Result<f64> {
+    let scheduler = Ddim::new(&sd.scheduler_config, cfg.sampler_steps, 0.0)?;
+    let shape = sd.latent_shape(cfg.width, cfg.height)?;
+    let mut total = 0.0;
+    for (prompt, seed) in cases {
+        let context = sd.text_embeddings(prompt, &cfg.negative_prompt, cfg.guidance_scale, LoraSet::none())?;
+        let traj = Trajectory { unet: &sd.unet, scheduler: &scheduler, context: &context, guidance_scale: cfg.guidance_scale, step_noise: vec![] };
+        let x_t = NoiseRng::new(*seed).randn(shape, sd.dtype, &sd.device)?;
+        let x0 = traj.run(0..traj.len(), &x_t, lora)?;
+        let r = rewards.score(&sd.decode(&x0)?, std::slice::from_ref(prompt))?;
+        total += r.to_dtype(candle_core::DType::F64)?.mean_all()?.to_scalar::<f64>()?;
+    }
+    Ok(total / cases.len().max(1) as f64)
+}
+

@@ -1,0 +1,80 @@
+//! Command-line interface: `generate`, and the shared argument types.
+
+pub mod generate;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+use clap::{Parser, Subcommand};
+
+/// Stable Diffusion server with per-request LoRA adapters and AlignProp fine-tuning.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Generate one image from a prompt.
+    Generate(generate::GenerateArgs),
+}
+
+impl Cli {
+    pub fn run(self) -> Result<()> {
+        match self.command {
+            Command::Generate(args) => generate::run(args),
+        }
+    }
+}
+
+/// Device and dtype selection shared by the subcommands.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DeviceArgs {
+    /// Run on the GPU (needs a build with the `cuda` feature).
+    #[arg(long, env = "SDSERVE_CUDA")]
+    pub cuda: bool,
+    /// Compute precision: f32, f16 or bf16 (f16/bf16 only make sense on a GPU).
+    #[arg(long, default_value = "f32", env = "SDSERVE_DTYPE")]
+    pub dtype: String,
+}
+
+impl DeviceArgs {
+    pub fn device(&self) -> Result<Device> {
+        if self.cuda {
+            Device::new_cuda(0).context("cannot open CUDA device 0")
+        } else {
+            Ok(Device::Cpu)
+        }
+    }
+
+    pub fn dtype(&self) -> Result<DType> {
+        match self.dtype.as_str() {
+            "f32" => Ok(DType::F32),
+            "f16" => Ok(DType::F16),
+            "bf16" => Ok(DType::BF16),
+            other => anyhow::bail!("unknown dtype {other:?} (expected f32, f16 or bf16)"),
+        }
+    }
+}
+
+/// `FILE:WEIGHT` (weight defaults to 1).
+#[derive(Clone, Debug)]
+pub struct LoraArg {
+    pub path: PathBuf,
+    pub weight: f64,
+}
+
+impl std::str::FromStr for LoraArg {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.rsplit_once(':') {
+            Some((p, w)) if w.parse::<f64>().is_ok() => {
+                Ok(LoraArg { path: p.into(), weight: w.parse().expect("checked") })
+            }
+            _ => Ok(LoraArg { path: s.into(), weight: 1.0 }),
+        }
+    }
+}

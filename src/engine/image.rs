@@ -1,0 +1,78 @@
+//! Converting decoded tensors to images and encoding them as PNG, JPEG or WebP.
+
+use std::io::Cursor;
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor};
+use image::{ImageFormat, RgbImage};
+use serde::{Deserialize, Serialize};
+
+/// An output file format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputFormat {
+    #[default]
+    Png,
+    Jpeg,
+    Webp,
+}
+
+impl OutputFormat {
+    pub fn mime(self) -> &'static str {
+        match self {
+            OutputFormat::Png => "image/png",
+            OutputFormat::Jpeg => "image/jpeg",
+            OutputFormat::Webp => "image/webp",
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutputFormat::Png => "png",
+            OutputFormat::Jpeg => "jpeg",
+            OutputFormat::Webp => "webp",
+        }
+    }
+}
+
+impl std::str::FromStr for OutputFormat {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "png" => Ok(OutputFormat::Png),
+            "jpeg" | "jpg" => Ok(OutputFormat::Jpeg),
+            "webp" => Ok(OutputFormat::Webp),
+            _ => bail!("unknown output format {s:?} (expected png, jpeg or webp)"),
+        }
+    }
+}
+
+/// `[3, H, W]` (or `[1, 3, H, W]`) values in `[0, 1]` → 8-bit RGB, rounding as diffusers'
+/// `numpy_to_pil` does.
+pub fn to_rgb(image: &Tensor) -> Result<RgbImage> {
+    let image = if image.rank() == 4 { image.squeeze(0)? } else { image.clone() };
+    let (c, h, w) = image.dims3()?;
+    if c != 3 {
+        bail!("expected 3 channels, got {c}");
+    }
+    let pixels = (image.permute((1, 2, 0))?.to_dtype(DType::F32)?.clamp(0f32, 1f32)? * 255.0)?
+        .round()?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let bytes = pixels.into_iter().map(|v| v as u8).collect();
+    RgbImage::from_raw(w as u32, h as u32, bytes).ok_or_else(|| anyhow::anyhow!("image buffer size mismatch"))
+}
+
+/// Encodes an image; `quality` (0–100) applies to JPEG only (WebP is lossless here).
+pub fn encode(img: &RgbImage, format: OutputFormat, quality: u8) -> Result<Vec<u8>> {
+    let mut out = Cursor::new(Vec::new());
+    match format {
+        OutputFormat::Png => img.write_to(&mut out, ImageFormat::Png)?,
+        OutputFormat::Webp => img.write_to(&mut out, ImageFormat::WebP)?,
+        OutputFormat::Jpeg => {
+            let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality.clamp(1, 100));
+            img.write_with_encoder(enc)?
+        }
+    }
+    Ok(out.into_inner())
+}
