@@ -7,7 +7,7 @@
 //! - [`align`] and [`rewards`]: AlignProp training and the rewards it maximises.
 //! - [`dataset`] and [`eval`]: the procedural shapes data and its analytic evaluator.
 
-// pub mod align; (pending)
+pub mod align;
 pub mod dataset;
 pub mod engine;
 pub mod eval;
@@ -16,3 +16,8 @@ pub mod memory;
 pub mod model;
 pub mod rewards;
 // pub mod server; (pending: enabled once engine::pipeline and cli land)
+pub mod cli;
+
+/// The embedded default model: a small SD-architecture model trained by this project
+/// (see `sdserve pretrain`), used when no `--model` is given.
+pub const DEFAULT_MODEL_DIR: &str = "models/default";

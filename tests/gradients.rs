@@ -63,7 +63,7 @@ fn lora_gradients_match_finite_differences_f64() {
         let analytic = dot(&bp.grads, &dirs);
         let originals: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().copy().unwrap()).collect();
         let h = 1e-4;
-        let mut loss_at = |eps: f64| {
+        let loss_at = |eps: f64| {
             for ((v, o), d) in vars.iter().zip(&originals).zip(&dirs) {
                 v.set(&(o + (d * eps).unwrap()).unwrap()).unwrap();
             }

@@ -1,5 +1,16 @@
 //! AlignProp: reward backpropagation through the last denoising steps into LoRA weights.
+//!
+//! - [`backprop`]: truncated backprop through DDIM, full-graph and step-recompute.
+//! - [`optim`]: AdamW and gradient clipping; [`trainer`]: the training loop.
+//! - [`request`] and [`prompts`]: the job request and built-in prompt sets.
+//! - [`jobs`]: persisted background jobs with events and cancellation.
 
 pub mod backprop;
+pub mod jobs;
 pub mod optim;
+pub mod prompts;
+pub mod request;
+pub mod targets;
 pub mod trainer;
+
+pub use targets::attention_targets;

@@ -3,5 +3,5 @@
 pub mod denoise;
 pub mod image;
 pub mod noise;
-// pub mod pipeline; (pending)
+pub mod pipeline;
 pub mod scheduler;

@@ -2,7 +2,7 @@
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 
-use super::{LoraDelta, LoraSet};
+use super::{Component, LoraAdapter, LoraDelta, LoraSet};
 use crate::engine::noise::NoiseRng;
 
 /// One adapted linear layer: `down` is `[rank, in]`, `up` is `[out, rank]`.
@@ -46,9 +46,23 @@ impl TrainableLora {
         Ok(Self { modules, rank, alpha })
     }
 
-    /// Wraps existing factors (e.g. an adapter to continue training from).
-    pub fn from_modules(modules: Vec<TrainableModule>, rank: usize, alpha: f64) -> Self {
-        Self { modules, rank, alpha }
+    /// Starts from an existing adapter's UNet linear modules (its `alpha / rank` folded into
+    /// `up`), to continue training it.
+    pub fn from_adapter(adapter: &LoraAdapter, dtype: DType, device: &Device) -> anyhow::Result<Self> {
+        let mut modules = Vec::new();
+        for m in adapter.modules() {
+            if m.component != Component::Unet || m.down.rank() != 2 {
+                anyhow::bail!("only UNet linear-layer adapters can be trained further; {} is not one", m.path);
+            }
+            let up = (&m.up * m.alpha_scale)?;
+            modules.push(TrainableModule {
+                path: m.path.clone(),
+                down: Var::from_tensor(&m.down.to_dtype(dtype)?.to_device(device)?)?,
+                up: Var::from_tensor(&up.to_dtype(dtype)?.to_device(device)?)?,
+            });
+        }
+        let rank = adapter.rank();
+        Ok(Self { modules, rank, alpha: rank as f64 })
     }
 
     pub fn rank(&self) -> usize {

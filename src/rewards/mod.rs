@@ -3,6 +3,7 @@
 
 pub mod compressibility;
 pub mod pixel;
+pub mod registry;
 
 use candle_core::{Result, Tensor};
 

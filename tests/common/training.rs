@@ -2,7 +2,7 @@
 
 use candle_core::{Device, Tensor};
 
-use super::{components, fixture_dir};
+use crate::common::{components, fixture_dir};
 
 /// The fixture UNet, VAE and scheduler config loaded in `dtype`, for the training tests.
 pub struct TrainingFixture {

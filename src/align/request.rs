@@ -1,0 +1,226 @@
+//! The `/align` job request: validation and conversion into an [`AlignConfig`].
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::optim::AdamWConfig;
+use super::prompts::prompt_set;
+use super::trainer::{AlignConfig, Truncation};
+use crate::rewards::registry::RewardSpec;
+
+/// How many final denoising steps carry gradient: `{"k": 1}` or `{"random": [1, 3]}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum TruncationRequest {
+    Fixed { k: usize },
+    Random { random: [usize; 2] },
+}
+
+impl Default for TruncationRequest {
+    fn default() -> Self {
+        TruncationRequest::Fixed { k: 1 }
+    }
+}
+
+/// `POST /v1/align/jobs`: an AlignProp run producing a LoRA adapter.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AlignRequest {
+    /// Name of the adapter to write under adapters/ on success.
+    #[schema(example = "brighter")]
+    pub adapter_name: String,
+    /// Training prompts (or give `prompt_set`).
+    #[serde(default)]
+    pub prompts: Option<Vec<String>>,
+    /// A built-in prompt list: `shapes` or `simple_animals`.
+    #[serde(default)]
+    pub prompt_set: Option<String>,
+    #[serde(default)]
+    pub negative_prompt: Option<String>,
+    /// Weighted rewards to maximise.
+    pub rewards: Vec<RewardSpec>,
+    /// Optimiser steps.
+    #[serde(default = "defaults::steps")]
+    pub steps: usize,
+    #[serde(default = "defaults::learning_rate")]
+    pub learning_rate: f64,
+    #[serde(default = "defaults::weight_decay")]
+    pub weight_decay: f64,
+    /// Global gradient-norm clip.
+    #[serde(default = "defaults::max_grad_norm")]
+    pub max_grad_norm: f64,
+    /// Trajectories per micro-batch.
+    #[serde(default = "defaults::one")]
+    pub batch_size: usize,
+    /// Micro-batches per optimiser step.
+    #[serde(default = "defaults::one")]
+    pub grad_accum: usize,
+    #[serde(default = "defaults::rank")]
+    pub lora_rank: usize,
+    /// Defaults to the rank (scale 1).
+    #[serde(default)]
+    pub lora_alpha: Option<f64>,
+    #[serde(default)]
+    pub truncation: TruncationRequest,
+    /// DDIM steps per trajectory.
+    #[serde(default = "defaults::sampler_steps")]
+    pub sampler_steps: usize,
+    #[serde(default = "defaults::guidance_scale")]
+    pub guidance_scale: f64,
+    /// DDIM eta during training (0 = deterministic).
+    #[serde(default)]
+    pub eta: f64,
+    /// Random when omitted; the seed used is recorded.
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// An existing adapter (attention projections) to continue from.
+    #[serde(default)]
+    pub init_adapter: Option<String>,
+    /// Stop early (successfully) once this many seconds have passed.
+    #[serde(default)]
+    pub time_budget_s: Option<f64>,
+    #[serde(default = "defaults::size")]
+    pub width: usize,
+    #[serde(default = "defaults::size")]
+    pub height: usize,
+    /// Replace an existing adapter of the same name.
+    #[serde(default)]
+    pub overwrite: bool,
+}
+
+mod defaults {
+    pub fn steps() -> usize {
+        10
+    }
+    pub fn learning_rate() -> f64 {
+        1e-3
+    }
+    pub fn weight_decay() -> f64 {
+        1e-4
+    }
+    pub fn max_grad_norm() -> f64 {
+        1.0
+    }
+    pub fn one() -> usize {
+        1
+    }
+    pub fn rank() -> usize {
+        4
+    }
+    pub fn sampler_steps() -> usize {
+        10
+    }
+    pub fn guidance_scale() -> f64 {
+        7.5
+    }
+    pub fn size() -> usize {
+        64
+    }
+}
+
+/// Upper bounds a server puts on requests.
+#[derive(Clone, Copy, Debug)]
+pub struct AlignLimits {
+    pub max_steps: usize,
+    pub max_sampler_steps: usize,
+    pub max_batch: usize,
+    pub max_rank: usize,
+    pub max_pixels: usize,
+}
+
+impl Default for AlignLimits {
+    fn default() -> Self {
+        Self { max_steps: 1000, max_sampler_steps: 100, max_batch: 64, max_rank: 64, max_pixels: 512 * 512 }
+    }
+}
+
+/// A rejected field: `(param, message)`.
+pub type Invalid = (&'static str, String);
+
+impl AlignRequest {
+    /// The prompts to train on.
+    pub fn prompt_list(&self) -> Result<Vec<String>, Invalid> {
+        match (&self.prompts, &self.prompt_set) {
+            (Some(p), None) if !p.is_empty() && p.iter().all(|s| !s.trim().is_empty()) => Ok(p.clone()),
+            (Some(_), None) => Err(("prompts", "prompts must be a non-empty list of non-empty strings".into())),
+            (None, Some(name)) => prompt_set(name).ok_or_else(|| {
+                ("prompt_set", format!("unknown prompt_set {name:?} (available: shapes, simple_animals)"))
+            }),
+            (Some(_), Some(_)) => Err(("prompts", "give either prompts or prompt_set, not both".into())),
+            (None, None) => Err(("prompts", "prompts or prompt_set is required".into())),
+        }
+    }
+
+    /// Checks ranges and converts to a training config with the given seed.
+    pub fn to_config(&self, limits: &AlignLimits, seed: u64) -> Result<AlignConfig, Invalid> {
+        let range = |param: &'static str, v: usize, max: usize| {
+            if v == 0 || v > max {
+                Err((param, format!("{param} must be between 1 and {max}, got {v}")))
+            } else {
+                Ok(())
+            }
+        };
+        range("steps", self.steps, limits.max_steps)?;
+        range("sampler_steps", self.sampler_steps, limits.max_sampler_steps)?;
+        range("batch_size", self.batch_size, limits.max_batch)?;
+        range("grad_accum", self.grad_accum, limits.max_batch)?;
+        range("lora_rank", self.lora_rank, limits.max_rank)?;
+        if self.width * self.height > limits.max_pixels || self.width == 0 || self.height == 0 {
+            return Err(("width", format!("width × height must be between 1 and {} pixels", limits.max_pixels)));
+        }
+        let positive = |param: &'static str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err((param, format!("{param} must be a positive number")))
+            }
+        };
+        positive("learning_rate", self.learning_rate)?;
+        positive("max_grad_norm", self.max_grad_norm)?;
+        if let Some(a) = self.lora_alpha {
+            positive("lora_alpha", a)?;
+        }
+        if let Some(t) = self.time_budget_s {
+            positive("time_budget_s", t)?;
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(("weight_decay", "weight_decay must be >= 0".into()));
+        }
+        if !(self.guidance_scale.is_finite() && (0.0..=50.0).contains(&self.guidance_scale)) {
+            return Err(("guidance_scale", "guidance_scale must be in [0, 50]".into()));
+        }
+        if !(self.eta.is_finite() && (0.0..=1.0).contains(&self.eta)) {
+            return Err(("eta", "eta must be in [0, 1]".into()));
+        }
+        if self.rewards.is_empty() {
+            return Err(("rewards", "at least one reward is required".into()));
+        }
+        let truncation = match self.truncation {
+            TruncationRequest::Fixed { k } => Truncation::Fixed { k },
+            TruncationRequest::Random { random: [min, max] } => Truncation::Random { min, max },
+        };
+        let cfg = AlignConfig {
+            prompts: self.prompt_list()?,
+            negative_prompt: self.negative_prompt.clone().unwrap_or_default(),
+            steps: self.steps,
+            adamw: AdamWConfig { lr: self.learning_rate, weight_decay: self.weight_decay, ..Default::default() },
+            max_grad_norm: self.max_grad_norm,
+            batch_size: self.batch_size,
+            grad_accum: self.grad_accum,
+            truncation,
+            sampler_steps: self.sampler_steps,
+            guidance_scale: self.guidance_scale,
+            eta: self.eta,
+            seed,
+            width: self.width,
+            height: self.height,
+            time_budget_s: self.time_budget_s,
+        };
+        cfg.validate().map_err(|e| ("truncation", e.to_string()))?;
+        Ok(cfg)
+    }
+
+    pub fn alpha(&self) -> f64 {
+        self.lora_alpha.unwrap_or(self.lora_rank as f64)
+    }
+}
