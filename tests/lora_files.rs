@@ -1,0 +1,447 @@
+//! Adapter files: format detection, scales, validation errors and the diffusers writer.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use candle_core::{DType, Device, Tensor};
+use sdserve::lora::{
+    save_diffusers, Component, LoraAdapter, LoraFormat, LoraTargets, PipelineLora,
+};
+
+type Tensors = BTreeMap<String, Tensor>;
+
+const Q: &str = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q";
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd1")
+}
+
+fn targets() -> LoraTargets {
+    let dir = fixture();
+    LoraTargets::from_files(
+        &dir.join("unet/diffusion_pytorch_model.safetensors"),
+        &dir.join("text_encoder/model.safetensors"),
+    )
+    .unwrap()
+}
+
+fn lora_path(name: &str) -> PathBuf {
+    fixture().join("loras").join(name)
+}
+
+fn load(name: &str) -> LoraAdapter {
+    LoraAdapter::from_file(&lora_path(name), &targets(), &Device::Cpu).unwrap()
+}
+
+fn tensors(name: &str) -> Tensors {
+    candle_core::safetensors::load(lora_path(name), &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+/// A fresh, empty folder for one test's files.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let name = format!(
+            "sdserve-lora-files-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = std::env::temp_dir().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes f32 / f16 tensors as safetensors with the given header metadata.
+fn write(path: &Path, tensors: &Tensors, metadata: &[(&str, &str)]) {
+    let mut header = serde_json::Map::new();
+    let mut data = Vec::new();
+    for (name, t) in tensors {
+        let t = t.flatten_all().unwrap();
+        let (dtype, bytes): (&str, Vec<u8>) = match t.dtype() {
+            DType::F16 => (
+                "F16",
+                t.to_vec1::<half::f16>()
+                    .unwrap()
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+            _ => (
+                "F32",
+                t.to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+        };
+        let shape = tensors[name].dims().to_vec();
+        let offsets = [data.len(), data.len() + bytes.len()];
+        header.insert(
+            name.clone(),
+            serde_json::json!({ "dtype": dtype, "shape": shape, "data_offsets": offsets }),
+        );
+        data.extend(bytes);
+    }
+    if !metadata.is_empty() {
+        let meta: serde_json::Map<_, _> = metadata
+            .iter()
+            .map(|(k, v)| (k.to_string(), (*v).into()))
+            .collect();
+        header.insert("__metadata__".into(), meta.into());
+    }
+    let header = serde_json::to_vec(&header).unwrap();
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(header);
+    bytes.extend(data);
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// `scale · up · down` of the single delta at `path`.
+fn delta_weight(lora: &PipelineLora, component: Component, path: &str) -> Tensor {
+    let set = match component {
+        Component::Unet => &lora.unet,
+        Component::TextEncoder => &lora.text_encoder,
+    };
+    let [d] = set.get(path) else {
+        panic!("expected one delta at {path}")
+    };
+    (d.up.matmul(&d.down).unwrap() * d.scale).unwrap()
+}
+
+#[test]
+fn probe_files_give_the_same_deltas() {
+    let diffusers = load("probe_diffusers.safetensors");
+    let kohya = load("probe_kohya.safetensors");
+    assert_eq!(diffusers.format(), LoraFormat::Diffusers);
+    assert_eq!(kohya.format(), LoraFormat::Kohya);
+
+    let attentions = targets()
+        .modules(Component::Unet)
+        .filter(|(p, _)| p.ends_with(".to_q"))
+        .count();
+    assert!(attentions > 0);
+    for a in [&diffusers, &kohya] {
+        assert_eq!(a.num_modules(), 4 * attentions);
+        assert_eq!(a.rank(), 4);
+        assert_eq!(a.target_modules(), ["to_k", "to_out.0", "to_q", "to_v"]);
+        assert_eq!(a.size_bytes(), 4 * a.num_params());
+    }
+    assert_eq!(diffusers.alpha(), None);
+    assert_eq!(kohya.alpha(), Some(2.0));
+
+    let (mut from_diffusers, mut from_kohya) = (PipelineLora::default(), PipelineLora::default());
+    diffusers.add_to(0.8, &mut from_diffusers);
+    kohya.add_to(0.8, &mut from_kohya);
+    assert_eq!(from_diffusers.unet.num_modules(), diffusers.num_modules());
+    assert!(from_diffusers.text_encoder.is_empty());
+    for m in diffusers.modules() {
+        assert_eq!(m.component, Component::Unet);
+        let a = delta_weight(&from_diffusers, m.component, &m.path);
+        let b = delta_weight(&from_kohya, m.component, &m.path);
+        assert!(max_abs_diff(&a, &b) <= 1e-6, "{}", m.path);
+    }
+}
+
+#[test]
+fn other_adapter_summary() {
+    let other = load("other_diffusers.safetensors");
+    assert_eq!(other.format(), LoraFormat::Diffusers);
+    assert_eq!(other.rank(), 2);
+    assert_eq!(other.target_modules(), ["to_q", "to_v"]);
+    assert_eq!(
+        serde_json::to_string(&other.format()).unwrap(),
+        "\"diffusers\""
+    );
+}
+
+#[test]
+fn save_diffusers_round_trips() {
+    let tmp = TempDir::new();
+    let probe = load("probe_diffusers.safetensors");
+    let modules: Vec<_> = probe
+        .modules()
+        .iter()
+        .map(|m| (m.path.clone(), m.down.clone(), m.up.clone()))
+        .collect();
+    let path = tmp.0.join("saved.safetensors");
+    save_diffusers(
+        &path,
+        &modules,
+        &HashMap::from([("step".to_string(), "3".to_string())]),
+    )
+    .unwrap();
+
+    let mut keys: Vec<_> = candle_core::safetensors::load(&path, &Device::Cpu)
+        .unwrap()
+        .into_keys()
+        .collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        tensors("probe_diffusers.safetensors")
+            .into_keys()
+            .collect::<Vec<_>>()
+    );
+    let saved = LoraAdapter::from_file(&path, &targets(), &Device::Cpu).unwrap();
+    assert_eq!(saved.format(), LoraFormat::Diffusers);
+    assert_eq!(saved.num_modules(), probe.num_modules());
+    for (a, b) in probe.modules().iter().zip(saved.modules()) {
+        assert_eq!(a.path, b.path);
+        assert_eq!(max_abs_diff(&a.down, &b.down), 0.0);
+        assert_eq!(max_abs_diff(&a.up, &b.up), 0.0);
+    }
+    assert!(save_diffusers(&path, &[], &HashMap::new()).is_err());
+}
+
+#[test]
+fn peft_and_text_encoder_keys() {
+    let tmp = TempDir::new();
+    let targets = targets();
+    let probe = tensors("probe_diffusers.safetensors");
+    let peft: Tensors = probe
+        .iter()
+        .map(|(k, t)| {
+            (
+                k.replace(".lora.down.", ".lora_A.")
+                    .replace(".lora.up.", ".lora_B."),
+                t.clone(),
+            )
+        })
+        .collect();
+    let path = tmp.0.join("peft.safetensors");
+    write(
+        &path,
+        &peft,
+        &[(
+            "lora_adapter_metadata",
+            r#"{"unet.r": 4, "unet.lora_alpha": 2}"#,
+        )],
+    );
+    let a = LoraAdapter::from_file(&path, &targets, &Device::Cpu).unwrap();
+    assert_eq!(
+        (a.format(), a.alpha(), a.modules()[0].alpha_scale),
+        (LoraFormat::Peft, Some(2.0), 0.5)
+    );
+
+    let raw: Tensors = peft
+        .iter()
+        .map(|(k, t)| (k.replacen("unet.", "base_model.model.", 1), t.clone()))
+        .collect();
+    write(&path, &raw, &[]);
+    let a = LoraAdapter::from_file(&path, &targets, &Device::Cpu).unwrap();
+    assert_eq!(
+        (a.format(), a.alpha(), a.modules()[0].alpha_scale),
+        (LoraFormat::Peft, None, 1.0)
+    );
+
+    // Text encoder modules, stored as f16.
+    let te = "text_model.encoder.layers.1.self_attn.q_proj";
+    let down = Tensor::ones((4, 32), DType::F16, &Device::Cpu).unwrap();
+    let up = Tensor::ones((32, 4), DType::F16, &Device::Cpu).unwrap();
+    let alpha = Tensor::new(&[8f32], &Device::Cpu)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let files: [(LoraFormat, Tensors); 2] = [
+        (
+            LoraFormat::Diffusers,
+            Tensors::from([
+                (
+                    format!("text_encoder.{te}.lora_linear_layer.down.weight"),
+                    down.clone(),
+                ),
+                (
+                    format!("text_encoder.{te}.lora_linear_layer.up.weight"),
+                    up.clone(),
+                ),
+            ]),
+        ),
+        (
+            LoraFormat::Kohya,
+            Tensors::from([
+                (
+                    "lora_te_text_model_encoder_layers_1_self_attn_q_proj.lora_down.weight".into(),
+                    down,
+                ),
+                (
+                    "lora_te_text_model_encoder_layers_1_self_attn_q_proj.lora_up.weight".into(),
+                    up,
+                ),
+                (
+                    "lora_te_text_model_encoder_layers_1_self_attn_q_proj.alpha".into(),
+                    alpha,
+                ),
+            ]),
+        ),
+    ];
+    for (format, file) in files {
+        write(&path, &file, &[]);
+        let a = LoraAdapter::from_file(&path, &targets, &Device::Cpu).unwrap();
+        let m = &a.modules()[0];
+        assert_eq!(
+            (a.format(), m.component, m.path.as_str(), m.down.dtype()),
+            (format, Component::TextEncoder, te, DType::F32)
+        );
+        assert_eq!(a.target_modules(), ["q_proj"]);
+        let mut lora = PipelineLora::default();
+        a.add_to(0.5, &mut lora);
+        assert!(lora.unet.is_empty());
+        assert_eq!(lora.text_encoder.get(te).len(), 1);
+    }
+}
+
+/// The error message of loading `tensors` written to a file.
+fn error_of(tensors: &Tensors) -> String {
+    let tmp = TempDir::new();
+    let path = tmp.0.join("bad.safetensors");
+    write(&path, tensors, &[]);
+    let err = LoraAdapter::from_file(&path, &targets(), &Device::Cpu).unwrap_err();
+    format!("{err:#}")
+}
+
+#[test]
+fn invalid_adapters_name_the_offending_keys() {
+    let probe = tensors("probe_diffusers.safetensors");
+    let down_key = format!("unet.{Q}.lora.down.weight");
+    let up_key = format!("unet.{Q}.lora.up.weight");
+
+    let mut t = probe.clone();
+    t.insert(
+        "foo.bar".into(),
+        Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap(),
+    );
+    let msg = error_of(&t);
+    assert!(
+        msg.contains("foo.bar") && msg.contains("unrecognised"),
+        "{msg}"
+    );
+
+    let mut t = probe.clone();
+    let missing =
+        "unet.down_blocks.7.attentions.0.transformer_blocks.0.attn1.to_q.lora.down.weight";
+    t.insert(missing.into(), probe[&down_key].clone());
+    let msg = error_of(&t);
+    assert!(
+        msg.contains(missing) && msg.contains("not in the base model"),
+        "{msg}"
+    );
+
+    let mut t = probe.clone();
+    t.insert(
+        down_key.clone(),
+        Tensor::zeros((4, 33), DType::F32, &Device::Cpu).unwrap(),
+    );
+    let msg = error_of(&t);
+    assert!(msg.contains(&down_key) && msg.contains("[4, 33]"), "{msg}");
+
+    let mut t = probe.clone();
+    t.remove(&up_key);
+    let msg = error_of(&t);
+    assert!(
+        msg.contains(&down_key) && msg.contains("missing up"),
+        "{msg}"
+    );
+
+    let mut t = probe.clone();
+    t.insert(
+        format!("lora_unet_{}.lora_down.weight", Q.replace('.', "_")),
+        probe[&down_key].clone(),
+    );
+    t.insert(
+        format!("lora_unet_{}.lora_up.weight", Q.replace('.', "_")),
+        probe[&up_key].clone(),
+    );
+    let msg = error_of(&t);
+    assert!(msg.contains("mixed"), "{msg}");
+
+    let mut t = probe.clone();
+    let twin = format!("unet.{Q}.lora_linear_layer.down.weight");
+    t.insert(twin.clone(), probe[&down_key].clone());
+    let msg = error_of(&t);
+    assert!(msg.contains(&twin) && msg.contains("twice"), "{msg}");
+
+    let msg = error_of(&Tensors::new());
+    assert!(msg.contains("no LoRA modules"), "{msg}");
+}
+
+#[test]
+fn corrupt_files_are_errors() {
+    let tmp = TempDir::new();
+    let targets = targets();
+    let bytes = std::fs::read(lora_path("probe_diffusers.safetensors")).unwrap();
+    for (name, bytes) in [
+        ("truncated", &bytes[..bytes.len() - 10]),
+        ("empty", &[][..]),
+        ("garbage", &b"not a safetensors file"[..]),
+    ] {
+        let path = tmp.0.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        let err = LoraAdapter::from_file(&path, &targets, &Device::Cpu).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("not a valid safetensors file"),
+            "{name}: {err:#}"
+        );
+    }
+    let unet = tmp.0.join("truncated");
+    let te = fixture().join("text_encoder/model.safetensors");
+    assert!(LoraTargets::from_files(&unet, &te).is_err());
+}
+
+#[test]
+fn convolution_modules() {
+    let tmp = TempDir::new();
+    let zeros = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap();
+    let proj_in = "lora_unet_down_blocks_0_attentions_0_proj_in";
+    let file = Tensors::from([
+        (
+            "lora_unet_conv_in.lora_down.weight".to_string(),
+            zeros(&[2, 4, 3, 3]),
+        ),
+        (
+            "lora_unet_conv_in.lora_up.weight".to_string(),
+            zeros(&[32, 2, 1, 1]),
+        ),
+        (format!("{proj_in}.lora_down.weight"), zeros(&[2, 32])),
+        (format!("{proj_in}.lora_up.weight"), zeros(&[32, 2])),
+    ]);
+    let path = tmp.0.join("locon.safetensors");
+    write(&path, &file, &[]);
+    let a = LoraAdapter::from_file(&path, &targets(), &Device::Cpu).unwrap();
+    assert_eq!(a.target_modules(), ["conv_in", "proj_in"]);
+    assert_eq!(a.num_params(), 2 * 4 * 9 + 32 * 2 + 2 * 32 + 32 * 2);
+
+    let mut bad = file.clone();
+    bad.insert("lora_unet_conv_in.lora_down.weight".into(), zeros(&[2, 4]));
+    let msg = error_of(&bad);
+    assert!(
+        msg.contains("lora_unet_conv_in.lora_down.weight [2, 4]"),
+        "{msg}"
+    );
+}
