@@ -14,8 +14,9 @@ pub mod eval;
 pub mod lora;
 pub mod memory;
 pub mod model;
+pub mod pretrain;
 pub mod rewards;
-// pub mod server; (pending: enabled once engine::pipeline and cli land)
+pub mod server;
 pub mod cli;
 
 /// The embedded default model: a small SD-architecture model trained by this project

@@ -161,7 +161,7 @@ pub fn train(
             let traj = Trajectory { unet: &sd.unet, scheduler: &scheduler, context: &context, guidance_scale: cfg.guidance_scale, step_noise };
             let prompt_list = [prompt];
             let objective = |x0: &Tensor| {
-                let r = rewards.score(&sd.decode(x0).map_err(candle_core::Error::wrap)?, &prompt_list)?;
+                let r = rewards.score(&sd.decode(x0)?, &prompt_list)?;
                 Ok((r.mean_all()?.neg()?, r))
             };
             let k = cfg.truncation.draw(&mut rng);

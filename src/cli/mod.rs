@@ -1,6 +1,7 @@
 //! Command-line interface: `generate`, and the shared argument types.
 
 pub mod generate;
+pub mod serve;
 
 use std::path::PathBuf;
 
@@ -20,12 +21,21 @@ pub struct Cli {
 pub enum Command {
     /// Generate one image from a prompt.
     Generate(generate::GenerateArgs),
+    /// Serve the HTTP API.
+    Serve(crate::server::ServerConfig),
+    /// Print the HTTP API's OpenAPI document (JSON).
+    Openapi,
+    /// Train the embedded default model from scratch (resumable).
+    Pretrain(crate::pretrain::PretrainArgs),
 }
 
 impl Cli {
     pub fn run(self) -> Result<()> {
         match self.command {
             Command::Generate(args) => generate::run(args),
+            Command::Pretrain(args) => crate::pretrain::run(&args),
+            Command::Serve(config) => serve::run(config),
+            Command::Openapi => serve::print_openapi(),
         }
     }
 }

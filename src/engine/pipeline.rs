@@ -114,13 +114,13 @@ impl StableDiffusion {
     }
 
     /// Latents → images `[B, 3, H, W]` in `[0, 1]`.
-    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+    pub fn decode(&self, latents: &Tensor) -> candle_core::Result<Tensor> {
         let z = (latents / self.vae.config().scaling_factor)?;
         let z = match self.vae.config().shift_factor {
             Some(s) => (z + s)?,
             None => z,
         };
-        Ok(((self.vae.decode(&z)? / 2.0)? + 0.5)?.clamp(0.0, 1.0)?)
+        ((self.vae.decode(&z)? / 2.0)? + 0.5)?.clamp(0.0, 1.0)
     }
 
     /// Runs the whole sampler; `on_step(done, total)` is called after every denoising step
@@ -155,6 +155,6 @@ impl StableDiffusion {
             latents = scheduler.step(&eps, i, &latents, &mut rng)?;
             on_step(i + 1, timesteps.len())?;
         }
-        self.decode(&latents)
+        Ok(self.decode(&latents)?)
     }
 }

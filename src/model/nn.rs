@@ -25,8 +25,8 @@ impl Linear {
     pub fn forward(&self, x: &Tensor, lora: &LoraSet) -> Result<Tensor> {
         let mut y = self.inner.forward(x)?;
         for d in lora.get(&self.path) {
-            let down = candle_nn::Linear::new(d.down.clone(), None);
-            let up = candle_nn::Linear::new(d.up.clone(), None);
+            let down = candle_nn::Linear::new(d.down.to_dtype(x.dtype())?, None);
+            let up = candle_nn::Linear::new(d.up.to_dtype(x.dtype())?, None);
             y = (y + (up.forward(&down.forward(x)?)? * d.scale)?)?;
         }
         Ok(y)
@@ -69,14 +69,11 @@ impl Conv2d {
             y = y.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
         }
         for d in lora.get(&self.path) {
-            let down = match d.down.rank() {
-                2 => d.down.unsqueeze(2)?.unsqueeze(3)?,
-                _ => d.down.clone(),
+            let as_kernel = |t: &Tensor| match t.rank() {
+                2 => t.to_dtype(x.dtype())?.unsqueeze(2)?.unsqueeze(3),
+                _ => t.to_dtype(x.dtype()),
             };
-            let up = match d.up.rank() {
-                2 => d.up.unsqueeze(2)?.unsqueeze(3)?,
-                _ => d.up.clone(),
-            };
+            let (down, up) = (as_kernel(&d.down)?, as_kernel(&d.up)?);
             let h = self.conv(x, &down, &self.cfg)?;
             let h = self.conv(&h, &up, &candle_nn::Conv2dConfig::default())?;
             y = (y + (h * d.scale)?)?;

@@ -284,7 +284,7 @@ fn read_optional_json(path: &Path) -> Result<Value> {
 }
 
 /// GPT-2's reversible byte → printable-character table (`bytes_to_unicode`).
-fn bytes_to_unicode() -> [char; 256] {
+pub fn bytes_to_unicode() -> [char; 256] {
     let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
     let mut table = ['\0'; 256];
     let mut next = 256u32;

@@ -7,11 +7,10 @@ use candle_nn::VarBuilder;
 use crate::lora::LoraSet;
 use crate::model::nn::Linear;
 
-/// `get_timestep_embedding` for one timestep repeated `batch` times, computed in f32 exactly
-/// as diffusers does before casting to `dtype`.
+/// `get_timestep_embedding` for one timestep per batch item, computed in f32 exactly as
+/// diffusers does before casting to `dtype`.
 pub fn timestep_features(
-    t: f64,
-    batch: usize,
+    timesteps: &[f64],
     dim: usize,
     flip_sin_to_cos: bool,
     freq_shift: f64,
@@ -20,13 +19,15 @@ pub fn timestep_features(
 ) -> Result<Tensor> {
     let half = dim / 2;
     let ln = (10000f64).ln() as f32;
-    let args: Vec<f32> = (0..half)
-        .map(|i| (-ln * i as f32 / (half as f32 - freq_shift as f32)).exp() * t as f32)
-        .collect();
-    let (sin, cos): (Vec<f32>, Vec<f32>) = args.iter().map(|a| (a.sin(), a.cos())).unzip();
-    let mut row = if flip_sin_to_cos { [cos, sin].concat() } else { [sin, cos].concat() };
-    row.resize(dim, 0.0);
-    Tensor::from_vec(row, (1, dim), device)?.repeat((batch, 1))?.to_dtype(dtype)
+    let freqs: Vec<f32> = (0..half).map(|i| (-ln * i as f32 / (half as f32 - freq_shift as f32)).exp()).collect();
+    let mut rows = Vec::with_capacity(timesteps.len() * dim);
+    for &t in timesteps {
+        let (sin, cos): (Vec<f32>, Vec<f32>) = freqs.iter().map(|f| ((f * t as f32).sin(), (f * t as f32).cos())).unzip();
+        let mut row = if flip_sin_to_cos { [cos, sin].concat() } else { [sin, cos].concat() };
+        row.resize(dim, 0.0);
+        rows.extend(row);
+    }
+    Tensor::from_vec(rows, (timesteps.len(), dim), device)?.to_dtype(dtype)
 }
 
 /// `linear_1 → SiLU → linear_2`.

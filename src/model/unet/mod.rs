@@ -128,11 +128,17 @@ impl UNet2DConditionModel {
     /// `sample`: `[B, C, h, w]` latents; `timestep`: the diffusion timestep shared by the
     /// batch; `context`: `[B, T, cross_attention_dim]` text embeddings.
     pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor, lora: &LoraSet) -> Result<Tensor> {
-        let b = sample.dim(0)?;
+        self.forward_timesteps(sample, &vec![timestep; sample.dim(0)?], context, lora)
+    }
+
+    /// [`Self::forward`] with one timestep per batch item (training).
+    pub fn forward_timesteps(&self, sample: &Tensor, timesteps: &[f64], context: &Tensor, lora: &LoraSet) -> Result<Tensor> {
+        if timesteps.len() != sample.dim(0)? {
+            candle_core::bail!("unet: {} timesteps for a batch of {}", timesteps.len(), sample.dim(0)?);
+        }
         let c = &self.config;
         let t = timestep_features(
-            timestep,
-            b,
+            timesteps,
             c.block_out_channels[0],
             c.flip_sin_to_cos,
             c.freq_shift,

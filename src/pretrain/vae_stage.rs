@@ -1,0 +1,88 @@
+//! Stage 1: the autoencoder, trained on reconstruction (L1 + MSE) with a small KL term.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::Result;
+use candle_core::{DType, Device};
+use indicatif::ProgressBar;
+
+use super::checkpoint::TrainState;
+use super::data::batch;
+use super::params::Params;
+use crate::align::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::engine::noise::NoiseRng;
+use crate::model::config::VaeConfig;
+use crate::model::vae::AutoencoderKL;
+
+/// Options of the VAE stage.
+pub struct VaeStage {
+    pub steps: usize,
+    pub batch: usize,
+    pub lr: f64,
+    pub kl_weight: f64,
+    pub seed: u64,
+}
+
+/// Trains (or resumes) the VAE in `dir` (`config.json` must exist), saving every
+/// `save_every` steps.
+pub fn train(dir: &Path, opts: &VaeStage, device: &Device, bar: &ProgressBar) -> Result<()> {
+    let cfg: VaeConfig = crate::model::config::read_json(&dir.join("config.json"))?;
+    let params = Params::new(opts.seed);
+    let vae = AutoencoderKL::new(params.var_builder(DType::F32, device), &cfg)?;
+    let weights = dir.join("diffusion_pytorch_model.safetensors");
+    let mut state = TrainState::load(dir)?.unwrap_or_default();
+    if state.step > 0 && weights.is_file() {
+        params.load(&weights)?;
+    }
+    let mut opt = AdamW::new(params.vars(), AdamWConfig { lr: opts.lr, weight_decay: 0.0, ..Default::default() })?;
+    let mut noise = NoiseRng::new(opts.seed ^ 0x5eed);
+    bar.set_length(opts.steps as u64);
+    bar.set_position(state.step as u64);
+    let size = super::arch::IMAGE_SIZE;
+    let mut last_save = Instant::now();
+    while state.step < opts.steps {
+        let (x, _) = batch(opts.seed, (state.step * opts.batch) as u64, opts.batch, size, device)?;
+        let posterior = vae.encode(&x)?;
+        let z = posterior.sample(&noise.randn(posterior.mean.shape(), DType::F32, device)?)?;
+        let recon = vae.decode(&z)?;
+        let diff = (&recon - &x)?;
+        let rec = (diff.abs()?.mean_all()? + diff.sqr()?.mean_all()?)?;
+        let kl = ((posterior.mean.sqr()? + posterior.logvar.exp()?)? - posterior.logvar)?;
+        let kl = ((kl - 1.0)? * 0.5)?.mean_all()?;
+        let loss = (rec + (kl * opts.kl_weight)?)?;
+        let mut grads: Vec<_> = {
+            let store = loss.backward()?;
+            params.vars().iter().map(|v| store.get(v.as_tensor()).cloned().unwrap_or_else(|| v.zeros_like().unwrap())).collect()
+        };
+        clip_grad_norm(&mut grads, 1.0)?;
+        opt.step(&grads)?;
+        state.step += 1;
+        state.last_loss = loss.to_scalar::<f32>()? as f64;
+        bar.set_position(state.step as u64);
+        bar.set_message(format!("vae loss {:.4}", state.last_loss));
+        if state.step % 100 == 0 || state.step == opts.steps {
+            state.seconds += last_save.elapsed().as_secs_f64();
+            last_save = Instant::now();
+            params.save(&weights)?;
+            state.save(dir)?;
+        }
+    }
+    Ok(())
+}
+
+/// `1 / std` of the latent means over a few batches (as SD's 0.18215 was chosen).
+pub fn scaling_factor(vae: &AutoencoderKL, seed: u64, device: &Device) -> Result<f64> {
+    let mut sum = 0.0;
+    let mut sq = 0.0;
+    let mut n = 0.0;
+    for b in 0..8u64 {
+        let (x, _) = batch(seed ^ 0xa11, b * 32, 32, super::arch::IMAGE_SIZE, device)?;
+        let m = vae.encode(&x)?.mean.flatten_all()?.to_dtype(DType::F64)?;
+        sum += m.sum_all()?.to_scalar::<f64>()?;
+        sq += m.sqr()?.sum_all()?.to_scalar::<f64>()?;
+        n += m.elem_count() as f64;
+    }
+    let var = sq / n - (sum / n).powi(2);
+    Ok(1.0 / var.sqrt())
+}
