@@ -44,6 +44,7 @@ mod tests {
         let c = NoiseRng::new(6).randn((2, 3), DType::F32, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
         assert_eq!(a, b);
         assert_ne!(a, c);
+        assert_ne!(random_seed(), random_seed());
     }
 
     #[test]

@@ -5,7 +5,7 @@ use anyhow::{bail, Result};
 use candle_core::Tensor;
 
 use super::ddim::Prediction;
-use super::schedule::{alphas_cumprod, arange_desc, check_steps, interp, karras_sigmas, linspace, sigma_to_t, sigmas};
+use super::schedule::{check_steps, interp, karras_sigmas, linspace, sigma_to_t, trailing, train_sigmas};
 use super::Scheduler;
 use crate::engine::noise::NoiseRng;
 use crate::model::config::SchedulerConfig;
@@ -36,7 +36,10 @@ impl DpmSolverMultistep {
     pub fn new(cfg: &SchedulerConfig, steps: usize, karras: bool) -> Result<Self> {
         let n = cfg.num_train_timesteps;
         check_steps(steps, n)?;
-        let train_sigmas = sigmas(&alphas_cumprod(cfg)?);
+        if cfg.thresholding {
+            bail!("dynamic thresholding is not supported");
+        }
+        let train = train_sigmas(cfg)?;
         let mut timesteps: Vec<f64> = match cfg.timestep_spacing.as_str() {
             "linspace" => {
                 let mut t: Vec<f64> = linspace(0.0, (n - 1) as f64, steps + 1).into_iter().map(f64::round_ties_even).collect();
@@ -48,19 +51,23 @@ impl DpmSolverMultistep {
                 let ratio = n / (steps + 1);
                 (1..=steps).rev().map(|i| (i * ratio + cfg.steps_offset) as f64).collect()
             }
-            "trailing" => arange_desc(n as f64, n as f64 / steps as f64).into_iter().map(|t| t.round_ties_even() - 1.0).collect(),
+            "trailing" => trailing(n, steps),
             other => bail!("unsupported timestep_spacing {other:?}"),
         };
         let mut sig: Vec<f64> = if karras {
-            let descending: Vec<f64> = train_sigmas.iter().rev().cloned().collect();
-            let s = karras_sigmas(descending[descending.len() - 1], descending[0], steps);
-            let log_sigmas: Vec<f64> = train_sigmas.iter().map(|v| v.ln()).collect();
-            timesteps = s.iter().map(|&v| sigma_to_t(v, &log_sigmas).round_ties_even()).collect();
+            let s = karras_sigmas(train[0], train[n - 1], steps);
+            // numpy takes the log of the f32 sigmas in f32.
+            let log_sigmas: Vec<f64> = train.iter().map(|&v| (v as f32).ln() as f64).collect();
+            // Rounded, except for the cosine schedule, where the int64 cast truncates.
+            let to_int = if cfg.beta_schedule == "squaredcos_cap_v2" { f64::trunc } else { f64::round_ties_even };
+            timesteps = s.iter().map(|&v| to_int(sigma_to_t(v, &log_sigmas))).collect();
             s
         } else {
-            timesteps.iter().map(|&t| interp(t, &train_sigmas)).collect()
+            timesteps.iter().map(|&t| interp(t, &train)).collect()
         };
         sig.push(0.0);
+        // diffusers stores the sigmas as f32.
+        sig.iter_mut().for_each(|v| *v = *v as f32 as f64);
         Ok(Self { timesteps, sigmas: sig, prediction: Prediction::from_config(cfg)?, outputs: vec![], lower_order_nums: 0 })
     }
 
@@ -98,28 +105,24 @@ impl Scheduler for DpmSolverMultistep {
             self.outputs.remove(0);
         }
         self.outputs.push(x0.clone());
-        let n = self.timesteps.len();
+        // With solver_order 2, diffusers' `lower_order_second` never lowers the order.
+        let second_order = self.lower_order_nums >= 1;
+        self.lower_order_nums = (self.lower_order_nums + 1).min(2);
         let (s0, t) = (self.sigmas[step], self.sigmas[step + 1]);
         // final_sigmas_type "zero": the last step is first order and lands on x0.
         if t == 0.0 {
-            self.lower_order_nums = (self.lower_order_nums + 1).min(2);
             return Ok(x0);
         }
         let (alpha_t, sigma_t) = alpha_sigma(t);
         let (_, sigma_s0) = alpha_sigma(s0);
         let h = lambda(t) - lambda(s0);
-        let lower_second = step + 2 == n && n < 15;
-        let out = if self.lower_order_nums < 1 || lower_second {
-            ((sample * (sigma_t / sigma_s0))? - (x0 * (alpha_t * ((-h).exp() - 1.0)))?)?
-        } else {
-            let m1 = &self.outputs[0];
-            let h0 = lambda(s0) - lambda(self.sigmas[step - 1]);
-            let r0 = h0 / h;
-            let d1 = ((&x0 - m1)? / r0)?;
-            let coef = alpha_t * ((-h).exp() - 1.0);
-            (((sample * (sigma_t / sigma_s0))? - (&x0 * coef)?)? - (d1 * (0.5 * coef))?)?
-        };
-        self.lower_order_nums = (self.lower_order_nums + 1).min(2);
-        Ok(out)
+        let coef = alpha_t * ((-h).exp() - 1.0);
+        let first = ((sample * (sigma_t / sigma_s0))? - (&x0 * coef)?)?;
+        if !second_order {
+            return Ok(first);
+        }
+        let h0 = lambda(s0) - lambda(self.sigmas[step - 1]);
+        let d1 = ((&x0 - &self.outputs[0])? / (h0 / h))?;
+        first - (d1 * (0.5 * coef))?
     }
 }

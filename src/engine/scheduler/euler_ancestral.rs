@@ -4,7 +4,7 @@ use anyhow::Result;
 use candle_core::Tensor;
 
 use super::ddim::Prediction;
-use super::schedule::{alphas_cumprod, interp, sigmas, spaced_timesteps};
+use super::schedule::{interp, spaced_timesteps, train_sigmas};
 use super::Scheduler;
 use crate::engine::noise::NoiseRng;
 use crate::model::config::SchedulerConfig;
@@ -20,9 +20,10 @@ pub struct EulerAncestral {
 
 impl EulerAncestral {
     pub fn new(cfg: &SchedulerConfig, steps: usize) -> Result<Self> {
-        let train_sigmas = sigmas(&alphas_cumprod(cfg)?);
-        let timesteps = spaced_timesteps(cfg, steps)?;
-        let mut sig: Vec<f64> = timesteps.iter().map(|&t| interp(t, &train_sigmas) as f32 as f64).collect();
+        let train = train_sigmas(cfg)?;
+        // diffusers keeps these timesteps in f32 (fractional under "linspace").
+        let timesteps: Vec<f64> = spaced_timesteps(cfg, steps)?.into_iter().map(|t| t as f32 as f64).collect();
+        let mut sig: Vec<f64> = timesteps.iter().map(|&t| interp(t, &train) as f32 as f64).collect();
         let max = sig.iter().cloned().fold(0.0, f64::max);
         sig.push(0.0);
         let init_noise_sigma = match cfg.timestep_spacing.as_str() {

@@ -41,23 +41,25 @@ pub fn alphas_cumprod(cfg: &SchedulerConfig) -> Result<Vec<f64>> {
         .collect())
 }
 
-/// Zero terminal SNR rescaling (Lin et al. 2023), as diffusers' `rescale_zero_terminal_snr`.
+/// Zero terminal SNR rescaling (Lin et al. 2023), as diffusers' `rescale_zero_terminal_snr`
+/// (in f32, like torch).
 fn rescale_zero_terminal_snr(betas: &[f32]) -> Vec<f32> {
-    let mut acc = 1f64;
-    let mut sqrt_bar: Vec<f64> = betas
+    let mut acc = 1f32;
+    let mut sqrt_bar: Vec<f32> = betas
         .iter()
         .map(|b| {
-            acc *= 1.0 - *b as f64;
+            acc *= 1.0 - b;
             acc.sqrt()
         })
         .collect();
     let (first, last) = (sqrt_bar[0], sqrt_bar[sqrt_bar.len() - 1]);
+    let scale = first / (first - last);
     for v in sqrt_bar.iter_mut() {
-        *v = (*v - last) * first / (first - last);
+        *v = (*v - last) * scale;
     }
-    let bar: Vec<f64> = sqrt_bar.iter().map(|v| v * v).collect();
-    let mut out = vec![(1.0 - bar[0]) as f32];
-    out.extend(bar.windows(2).map(|w| (1.0 - w[1] / w[0]) as f32));
+    let bar: Vec<f32> = sqrt_bar.iter().map(|v| v * v).collect();
+    let mut out = vec![1.0 - bar[0]];
+    out.extend(bar.windows(2).map(|w| 1.0 - w[1] / w[0]));
     out
 }
 
@@ -79,27 +81,18 @@ pub fn spaced_timesteps(cfg: &SchedulerConfig, steps: usize) -> Result<Vec<f64>>
             let ratio = n / steps;
             (0..steps).rev().map(|i| (i * ratio + cfg.steps_offset) as f64).collect()
         }
-        "trailing" => {
-            let ratio = n as f64 / steps as f64;
-            arange_desc(n as f64, ratio).into_iter().map(|t| t.round_ties_even() - 1.0).collect()
-        }
+        "trailing" => trailing(n, steps),
         "linspace" => linspace(0.0, (n - 1) as f64, steps).into_iter().rev().collect(),
         other => bail!("unsupported timestep_spacing {other:?}"),
     })
 }
 
-/// `np.arange(start, 0, -step)`.
-pub fn arange_desc(start: f64, step: f64) -> Vec<f64> {
-    let mut out = Vec::new();
-    let mut i = 0usize;
-    loop {
-        let v = start - step * i as f64;
-        if v <= 0.0 {
-            break out;
-        }
-        out.push(v);
-        i += 1;
-    }
+/// "trailing" spacing: `round(np.arange(n, 0, -n / steps)) - 1`. numpy's arange length
+/// `ceil(n / (n / steps))` can come out one too long (62 for 61 steps, ending at -1); only
+/// the first `steps` are kept.
+pub fn trailing(n: usize, steps: usize) -> Vec<f64> {
+    let (n, ratio) = (n as f64, n as f64 / steps as f64);
+    (0..steps).map(|i| (n - ratio * i as f64).round_ties_even() - 1.0).collect()
 }
 
 pub fn check_steps(steps: usize, train_steps: usize) -> Result<()> {
@@ -109,23 +102,37 @@ pub fn check_steps(steps: usize, train_steps: usize) -> Result<()> {
     Ok(())
 }
 
-/// `((1 - ᾱ) / ᾱ)^½` for every training timestep.
-pub fn sigmas(alphas_cumprod: &[f64]) -> Vec<f64> {
-    alphas_cumprod.iter().map(|a| ((1.0 - a) / a).sqrt()).collect()
+/// `((1 - ᾱ) / ᾱ)^½` for every training timestep, in f32 like torch, as the sigma-space
+/// schedulers (Euler, DPM-Solver) compute it: with zero-SNR rescaling they first set the
+/// last ᾱ to 2⁻²⁴ so the first sigma is finite.
+pub fn train_sigmas(cfg: &SchedulerConfig) -> Result<Vec<f64>> {
+    let mut ac = alphas_cumprod(cfg)?;
+    if let (true, Some(last)) = (cfg.rescale_betas_zero_snr, ac.last_mut()) {
+        *last = 2f64.powi(-24);
+    }
+    Ok(ac
+        .iter()
+        .map(|&a| {
+            let a = a as f32;
+            ((1.0 - a) / a).sqrt() as f64
+        })
+        .collect())
 }
 
-/// `np.interp(x, arange(len(ys)), ys)`.
+/// `np.interp(x, arange(len(ys)), ys)`, in numpy's slope form.
 pub fn interp(x: f64, ys: &[f64]) -> f64 {
+    let last = ys.len() - 1;
     if x <= 0.0 {
         return ys[0];
     }
-    let last = ys.len() - 1;
     if x >= last as f64 {
         return ys[last];
     }
     let i = x.floor() as usize;
-    let w = x - i as f64;
-    ys[i] * (1.0 - w) + ys[i + 1] * w
+    if x == i as f64 {
+        return ys[i];
+    }
+    (ys[i + 1] - ys[i]) * (x - i as f64) + ys[i]
 }
 
 /// Karras et al. sigmas between `sigma_max` and `sigma_min` (rho = 7).
@@ -179,13 +186,48 @@ mod tests {
         let mut cfg = sd_config();
         cfg.timestep_spacing = "trailing".into();
         assert_eq!(spaced_timesteps(&cfg, 4).unwrap(), vec![999.0, 749.0, 499.0, 249.0]);
+        // numpy's arange yields 62 values for 61 steps (the last -1); 19 and 61 are both
+        // cases where a float loop would run one step too far.
+        for steps in 1..=1000 {
+            let t = spaced_timesteps(&cfg, steps).unwrap();
+            assert_eq!(t.len(), steps);
+            assert!(t.windows(2).all(|w| w[0] > w[1]) && t[steps - 1] >= 0.0, "{steps}");
+        }
+        assert_eq!(spaced_timesteps(&cfg, 3).unwrap(), vec![999.0, 666.0, 332.0]);
         cfg.timestep_spacing = "linspace".into();
         assert_eq!(spaced_timesteps(&cfg, 3).unwrap(), vec![999.0, 499.5, 0.0]);
     }
 
     #[test]
+    fn other_beta_schedules() {
+        let mut cfg = sd_config();
+        cfg.beta_schedule = "linear".into();
+        cfg.beta_start = 0.0001;
+        cfg.beta_end = 0.02;
+        let ac = alphas_cumprod(&cfg).unwrap();
+        assert!((ac[0] - 0.9999).abs() < 1e-7 && (ac[999] - 4.036e-5).abs() < 1e-7, "{}", ac[999]);
+        cfg.beta_schedule = "squaredcos_cap_v2".into();
+        let ac = alphas_cumprod(&cfg).unwrap();
+        let bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2).cos().powi(2);
+        assert!((ac[0] - bar(0.001) / bar(0.0)).abs() < 1e-7 && ac[999] < 1e-4);
+        cfg.trained_betas = Some(vec![0.5; 1000]);
+        assert!((alphas_cumprod(&cfg).unwrap()[1] - 0.25).abs() < 1e-12);
+        cfg.trained_betas = Some(vec![0.5; 10]);
+        assert!(alphas_cumprod(&cfg).is_err());
+        cfg.trained_betas = None;
+        cfg.beta_schedule = "sigmoid".into();
+        assert!(alphas_cumprod(&cfg).is_err());
+    }
+
+    #[test]
+    fn interp_matches_numpy() {
+        let ys = [1.0, 3.0, 7.0];
+        assert_eq!([interp(-1.0, &ys), interp(0.5, &ys), interp(1.0, &ys), interp(1.75, &ys), interp(9.0, &ys)], [1.0, 2.0, 3.0, 6.0, 7.0]);
+    }
+
+    #[test]
     fn sigma_to_t_inverts_the_schedule() {
-        let s = sigmas(&alphas_cumprod(&sd_config()).unwrap());
+        let s = train_sigmas(&sd_config()).unwrap();
         let logs: Vec<f64> = s.iter().map(|v| v.ln()).collect();
         for t in [0usize, 10, 500, 998] {
             assert!((sigma_to_t(s[t], &logs) - t as f64).abs() < 1e-6);

@@ -76,7 +76,7 @@ fn v_prediction_ddim_recovers_x0() {
 
 #[test]
 fn euler_ancestral_sigmas_and_denoising() {
-    let cfg = sd_config();
+    let mut cfg = sd_config();
     let mut s = EulerAncestral::new(&cfg, 10).unwrap();
     let ac = schedule::alphas_cumprod(&cfg).unwrap();
     let sigma_901 = ((1.0 - ac[901]) / ac[901]).sqrt();
@@ -92,6 +92,21 @@ fn euler_ancestral_sigmas_and_denoising() {
         x = s.step(&eps, i, &x, &mut rng).unwrap();
     }
     assert!(max_diff(&x, &x0) < 1e-9);
+    // Trailing spacing starts at t = 999, SD's sigma_max, which is also the initial noise scale.
+    cfg.timestep_spacing = "trailing".into();
+    let s = EulerAncestral::new(&cfg, 10).unwrap();
+    assert_eq!(s.timesteps()[0], 999.0);
+    assert!((s.sigmas()[0] - 14.6146).abs() < 1e-4, "{}", s.sigmas()[0]);
+    assert_eq!(s.init_noise_sigma(), s.sigmas()[0]);
+}
+
+#[test]
+fn euler_ancestral_scales_the_model_input() {
+    let s = EulerAncestral::new(&sd_config(), 10).unwrap();
+    let (x, _) = tensors();
+    let sigma = s.sigmas()[3];
+    let expected = (&x / (sigma * sigma + 1.0).sqrt()).unwrap();
+    assert!(max_diff(&s.scale_model_input(&x, 3).unwrap(), &expected) < 1e-15);
 }
 
 #[test]
@@ -106,13 +121,99 @@ fn dpm_solver_karras_is_monotonic_and_denoises() {
         let (x0, noise) = tensors();
         let mut x = noise.clone();
         let mut rng = NoiseRng::new(2);
-        for i in 0..20 {
-            let alpha = 1.0 / (sig[i] * sig[i] + 1.0).sqrt();
-            let eps = ((&x - (&x0 * alpha).unwrap()).unwrap() / (sig[i] * alpha)).unwrap();
+        for (i, sigma) in sig[..20].iter().enumerate() {
+            let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
+            let eps = ((&x - (&x0 * alpha).unwrap()).unwrap() / (sigma * alpha)).unwrap();
             x = s.step(&eps, i, &x, &mut rng).unwrap();
         }
         assert!(max_diff(&x, &x0) < 1e-9, "karras {karras}: {}", max_diff(&x, &x0));
     }
+    let karras = DpmSolverMultistep::new(&cfg, 20, true).unwrap();
+    let train = schedule::train_sigmas(&cfg).unwrap();
+    assert!((karras.sigmas()[0] - train[999]).abs() < 1e-5 && (karras.sigmas()[19] - train[0]).abs() < 1e-6);
+    assert_eq!((karras.timesteps()[0], karras.timesteps()[19]), (999.0, 0.0));
+}
+
+#[test]
+fn dpm_solver_steps_match_the_dpm_solver_pp_formulas() {
+    // 10 steps: diffusers' `lower_order_final` only makes the last (σ = 0) step first order.
+    let mut cfg = sd_config();
+    let mut s = DpmSolverMultistep::new(&cfg, 10, false).unwrap();
+    assert_eq!(s.timesteps(), [901.0, 811.0, 721.0, 631.0, 541.0, 451.0, 361.0, 271.0, 181.0, 91.0]);
+    cfg.timestep_spacing = "linspace".into();
+    let linspace = DpmSolverMultistep::new(&cfg, 10, false).unwrap();
+    assert_eq!(linspace.timesteps(), [999.0, 899.0, 799.0, 699.0, 599.0, 500.0, 400.0, 300.0, 200.0, 100.0]);
+    let sig = s.sigmas().to_vec();
+    let mut rng = NoiseRng::new(4);
+    let mut x = rng.randn((1, 2, 3, 3), DType::F64, &Device::Cpu).unwrap();
+    let mut prev_x0: Option<Tensor> = None;
+    for i in 0..10 {
+        let eps = rng.randn((1, 2, 3, 3), DType::F64, &Device::Cpu).unwrap();
+        let (a_s, a_t) = (1.0 / (sig[i].powi(2) + 1.0).sqrt(), 1.0 / (sig[i + 1].powi(2) + 1.0).sqrt());
+        let x0 = ((&x - (&eps * (sig[i] * a_s)).unwrap()).unwrap() / a_s).unwrap();
+        let out = s.step(&eps, i, &x, &mut rng).unwrap();
+        let expected = if i == 9 {
+            x0.clone()
+        } else {
+            // VP σ_t = σ α_t, λ = -ln σ, h = λ_t - λ_s: x_t = (σ_t/σ_s) x - α_t (e^{-h} - 1) D.
+            let h = sig[i].ln() - sig[i + 1].ln();
+            let d = match &prev_x0 {
+                None => x0.clone(),
+                Some(m1) => {
+                    let r = (sig[i - 1].ln() - sig[i].ln()) / h;
+                    ((&x0 * (1.0 + 0.5 / r)).unwrap() - (m1 * (0.5 / r)).unwrap()).unwrap()
+                }
+            };
+            ((&x * (sig[i + 1] * a_t / (sig[i] * a_s))).unwrap() - (d * (a_t * ((-h).exp() - 1.0))).unwrap()).unwrap()
+        };
+        assert!(max_diff(&out, &expected) < 1e-10, "step {i}: {}", max_diff(&out, &expected));
+        prev_x0 = Some(x0);
+        x = out;
+    }
+}
+
+#[test]
+fn zero_snr_schedules() {
+    let mut cfg = sd_config();
+    cfg.rescale_betas_zero_snr = true;
+    cfg.timestep_spacing = "trailing".into();
+    cfg.prediction_type = "v_prediction".into();
+    cfg.set_alpha_to_one = true;
+    let ac = schedule::alphas_cumprod(&cfg).unwrap();
+    assert_eq!(ac[999], 0.0);
+    assert!((ac[0] - 0.99915).abs() < 1e-5, "{}", ac[0]);
+    // Euler and DPM-Solver replace the last ᾱ by 2^-24: σ_max ≈ 4096.
+    let euler = EulerAncestral::new(&cfg, 5).unwrap();
+    let dpm = DpmSolverMultistep::new(&cfg, 5, true).unwrap();
+    assert!((euler.sigmas()[0] - 4096.0).abs() < 0.01, "{}", euler.sigmas()[0]);
+    assert!((dpm.sigmas()[0] - 4096.0).abs() < 0.01, "{}", dpm.sigmas()[0]);
+    // DDIM with v-prediction starts from pure noise (ᾱ = 0) and still lands on x0.
+    let mut s = Ddim::new(&cfg, 5, 0.0).unwrap();
+    assert_eq!(s.timesteps()[0], 999.0);
+    let (x0, noise) = tensors();
+    let mut x = noise.clone();
+    let mut rng = NoiseRng::new(1);
+    for i in 0..5 {
+        let (a, _) = s.alphas(i);
+        let eps = ((&x - (&x0 * a.sqrt()).unwrap()).unwrap() / (1.0 - a).sqrt()).unwrap();
+        let v = ((eps * a.sqrt()).unwrap() - (&x0 * (1.0 - a).sqrt()).unwrap()).unwrap();
+        x = Scheduler::step(&mut s, &v, i, &x, &mut rng).unwrap();
+    }
+    assert!(max_diff(&x, &x0) < 1e-5, "{}", max_diff(&x, &x0));
+}
+
+#[test]
+fn unsupported_settings_are_errors() {
+    let mut cfg = sd_config();
+    cfg.beta_schedule = "sigmoid".into();
+    assert!(Ddim::new(&cfg, 10, 0.0).is_err());
+    let mut cfg = sd_config();
+    cfg.prediction_type = "x".into();
+    assert!(SchedulerKind::ALL.iter().all(|k| k.build(&cfg, 10, 0.0).is_err()));
+    let mut cfg = sd_config();
+    cfg.timestep_spacing = "uniform".into();
+    assert!(SchedulerKind::ALL.iter().all(|k| k.build(&cfg, 10, 0.0).is_err()));
+    assert!(Ddim::new(&sd_config(), 10, -1.0).is_err());
 }
 
 #[test]
