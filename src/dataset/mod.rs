@@ -4,45 +4,47 @@
 
 mod caption;
 mod scene;
+mod split;
 
 pub use caption::{caption, groups, parse_caption, total_count, Group, COUNT_WORDS};
 pub use scene::{Color, Placed, Scene, ShapeKind};
+pub use split::{sample, scene, split_of, Split};
 
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
-
-/// Every word a caption can use (the default model's tokenizer vocabulary).
+/// Every word a caption can use (the default model's tokenizer vocabulary); "a" and "an" are
+/// accepted for "one" in prompts but never generated.
 pub const VOCABULARY: [&str; 17] = [
-    "one", "two", "three", "four", "a", "and", "red", "green", "blue", "yellow", "circle", "circles", "square",
-    "squares", "triangle", "triangles", "an",
+    "one",
+    "two",
+    "three",
+    "four",
+    "a",
+    "an",
+    "and",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "circle",
+    "circles",
+    "square",
+    "squares",
+    "triangle",
+    "triangles",
 ];
 
-/// Training captions vs. captions held out for evaluation (one in ten caption strings,
-/// chosen by a fixed hash, never appears in training).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Split {
-    Train,
-    HeldOut,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// The split a caption belongs to.
-pub fn split_of(caption: &str) -> Split {
-    // FNV-1a: stable across platforms and releases.
-    let h = caption.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
-    if h % 10 == 3 {
-        Split::HeldOut
-    } else {
-        Split::Train
-    }
-}
-
-/// Scene `index` of `seed` within `split`.
-pub fn sample(split: Split, seed: u64, index: u64) -> Scene {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_mul(0x9e3779b97f4a7c15) ^ index);
-    loop {
-        let scene = Scene::random(&mut rng);
-        if split_of(&scene.caption()) == split {
-            return scene;
+    #[test]
+    fn captions_use_the_vocabulary_and_round_trip() {
+        for i in 0..300 {
+            let s = scene(1, i);
+            let caption = s.caption();
+            assert!(caption.split(' ').all(|w| VOCABULARY.contains(&w)), "{caption}");
+            let parsed = parse_caption(&caption).unwrap();
+            assert_eq!(parsed, groups(&s), "{caption}");
+            assert_eq!(total_count(&parsed), s.shapes.len());
         }
     }
 }
