@@ -1,0 +1,104 @@
+//! The OpenAPI document, generated from the handlers and types (committed as
+//! `openapi/openapi.json`; `sdserve openapi` prints it).
+
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use super::api;
+use super::error;
+use super::routes::{adapters, images, jobs, system};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "sdserve",
+        description = "Stable Diffusion server with per-request LoRA adapters. `POST /v1/images/generations` \
+follows OpenAI's Images API (b64_json only) with Stable Diffusion extensions; the job API runs the same \
+requests asynchronously with progress and cancellation. Every error has the body \
+`{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`.",
+        license(name = "MIT OR Apache-2.0")
+    ),
+    paths(
+        images::create_image,
+        jobs::create_job,
+        jobs::get_job,
+        jobs::cancel_job,
+        jobs::job_events,
+        adapters::list_adapters,
+        adapters::get_adapter,
+        adapters::put_adapter,
+        adapters::delete_adapter,
+        adapters::reload_adapters,
+        system::list_models,
+        system::get_model,
+        system::health,
+        system::ready,
+        system::metrics,
+    ),
+    components(schemas(
+        error::ErrorResponse,
+        error::ErrorObject,
+        error::ErrorType,
+        api::ImageGenerationRequest,
+        api::LoraRequest,
+        api::ResponseFormat,
+        api::ImageFormat,
+        api::SchedulerName,
+        api::ImagesResponse,
+        api::ImageData,
+        api::GenerationParameters,
+        api::AppliedLora,
+        api::ImageJob,
+        api::JobStatus,
+        api::JobProgress,
+        api::JobError,
+        api::AdapterInfo,
+        api::AdapterSource,
+        api::AdapterList,
+        api::AdapterDeleted,
+        api::AdapterReload,
+        api::ModelList,
+        api::ModelInfo,
+        api::Health,
+        api::Readiness,
+        api::ReadyStatus,
+    )),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "images", description = "OpenAI-compatible image generation"),
+        (name = "jobs", description = "Asynchronous image jobs: submit, poll, cancel, events"),
+        (name = "adapters", description = "LoRA adapters: list, upload, delete, rescan"),
+        (name = "models", description = "The served model"),
+        (name = "system", description = "Probes and metrics (no API key needed)"),
+    )
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "The server's --api-key; only enforced when one is configured",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The document as pretty JSON, exactly as committed in `openapi/openapi.json` (plus a final
+/// newline).
+pub fn spec_json() -> String {
+    let mut s = ApiDoc::openapi()
+        .to_pretty_json()
+        .expect("the OpenAPI document serialises");
+    s.push('\n');
+    s
+}
