@@ -392,7 +392,7 @@ fn job_runners_can_register_and_install_adapters() {
     let info = registry
         .register(
             "aligned-1",
-            AdapterMeta::align_job("alignjob_1", Some("tiny-sd1".into())),
+            AdapterMeta::align_job(Some("alignjob_1".into()), Some("tiny-sd1".into())),
         )
         .unwrap();
     assert_eq!(info.job_id.as_deref(), Some("alignjob_1"));
@@ -407,7 +407,7 @@ fn job_runners_can_register_and_install_adapters() {
         .install(
             "aligned-2",
             &bytes,
-            Some(AdapterMeta::align_job("alignjob_2", None)),
+            Some(AdapterMeta::align_job(Some("alignjob_2".into()), None)),
             false,
         )
         .unwrap();

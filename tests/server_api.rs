@@ -533,8 +533,8 @@ fn ready_is_503_until_the_model_loads() {
     config.adapters_dir = root.join("adapters");
     config.data_dir = root.join("data");
     // State without the loading thread: the model stays `Loading` until set by hand.
-    let state = AppState::new(config);
-    let app = sdserve::server::routes::app(state.clone(), axum::Router::new()).unwrap();
+    let state = AppState::new(config).unwrap();
+    let app = sdserve::server::routes::app(state.clone()).unwrap();
     let call = |req: Request<Body>| {
         let app = app.clone();
         async move {

@@ -50,31 +50,7 @@ pub struct AlignEvent {
     pub kind: String,
     pub message: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub data: Option<StepMetrics>,
-}
-
-/// Metrics of one optimisation step.
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
-pub struct StepMetrics {
-    pub step: usize,
-    pub reward_mean: f64,
-    pub reward_std: f64,
-    pub loss: f64,
-    pub grad_norm: f64,
-    pub seconds: f64,
-}
-
-impl From<&StepReport> for StepMetrics {
-    fn from(r: &StepReport) -> Self {
-        Self {
-            step: r.step,
-            reward_mean: r.reward_mean,
-            reward_std: r.reward_std,
-            loss: r.loss,
-            grad_norm: r.grad_norm,
-            seconds: r.seconds,
-        }
-    }
+    pub data: Option<StepReport>,
 }
 
 /// A job as stored and returned by the API.
@@ -97,9 +73,12 @@ pub struct AlignJob {
     pub step: usize,
     pub total_steps: usize,
     /// Reward curve: one entry per optimisation step.
-    pub metrics: Vec<StepMetrics>,
+    pub metrics: Vec<StepReport>,
     pub stop_reason: Option<String>,
     pub error: Option<AlignError>,
+    /// Position in the queue (1 = next) while queued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_position: Option<usize>,
     pub request: AlignRequest,
     /// State changes and steps, in order.
     #[serde(default)]
@@ -127,6 +106,7 @@ impl AlignJob {
             metrics: vec![],
             stop_reason: None,
             error: None,
+            queue_position: None,
             request,
             events: vec![],
         };
@@ -134,7 +114,7 @@ impl AlignJob {
         job
     }
 
-    fn log(&mut self, kind: &str, message: String, data: Option<StepMetrics>) -> AlignEvent {
+    fn log(&mut self, kind: &str, message: String, data: Option<StepReport>) -> AlignEvent {
         let event = AlignEvent { id: self.events.len() as u64 + 1, created_at: unix_now(), kind: kind.into(), message, data };
         self.events.push(event.clone());
         event
@@ -263,6 +243,7 @@ impl AlignJobs {
         inner.jobs.insert(id.clone(), Arc::new(Handle { job: Mutex::new(job.clone()), cancel: AtomicBool::new(false) }));
         inner.queue.push_back(id);
         self.wake.notify_all();
+        metrics::counter!("sdserve_align_jobs_submitted_total").increment(1);
         Ok(job)
     }
 
@@ -273,13 +254,12 @@ impl AlignJobs {
         all
     }
 
+    /// A job, with its queue position when queued.
     pub fn get(&self, id: &str) -> Option<AlignJob> {
-        self.lock().jobs.get(id).map(|h| lock(&h.job).clone())
-    }
-
-    /// Position in the queue (1 = next), for queued jobs.
-    pub fn queue_position(&self, id: &str) -> Option<usize> {
-        self.lock().queue.iter().position(|q| q == id).map(|p| p + 1)
+        let inner = self.lock();
+        let mut job = lock(&inner.jobs.get(id)?.job).clone();
+        job.queue_position = inner.queue.iter().position(|q| q == id).map(|p| p + 1);
+        Some(job)
     }
 
     /// Number of jobs with the given status.
@@ -362,15 +342,16 @@ impl AlignJobs {
                 job.started_at = Some(unix_now());
                 let ev = job.log("message", "job started".into(), None);
                 self.publish(&job, ev);
+                metrics::gauge!("sdserve_align_jobs_running").increment(1.0);
                 (job.id.clone(), job.request.clone(), job.seed)
             };
             let mut report = |r: &StepReport| -> Result<()> {
                 let mut job = lock(&handle.job);
                 job.step = r.step;
-                let m = StepMetrics::from(r);
-                job.metrics.push(m.clone());
+                metrics::histogram!("sdserve_align_step_seconds").record(r.seconds);
+                job.metrics.push(r.clone());
                 let msg = format!("step {}/{}: reward {:.5} ± {:.5}", r.step, job.total_steps, r.reward_mean, r.reward_std);
-                let ev = job.log("metrics", msg, Some(m));
+                let ev = job.log("metrics", msg, Some(r.clone()));
                 self.publish(&job, ev);
                 if handle.cancel.load(Ordering::SeqCst) {
                     return Err(Cancelled.into());
@@ -396,6 +377,8 @@ impl AlignJobs {
                     job.finish(AlignStatus::Failed, Some(AlignError { code: code.into(), message }))
                 }
             };
+            metrics::gauge!("sdserve_align_jobs_running").decrement(1.0);
+            metrics::counter!("sdserve_align_jobs_total", "status" => status_str(job.status)).increment(1);
             self.publish(&job, ev);
         }
     }

@@ -3,13 +3,15 @@
 //! - [`backprop`]: truncated backprop through DDIM, full-graph and step-recompute.
 //! - [`optim`]: AdamW and gradient clipping; [`trainer`]: the training loop.
 //! - [`request`] and [`prompts`]: the job request and built-in prompt sets.
-//! - [`jobs`]: persisted background jobs with events and cancellation.
+//! - [`jobs`]: persisted background jobs with events and cancellation; [`runner`]: one run,
+//!   from request to saved adapter.
 
 pub mod backprop;
 pub mod jobs;
 pub mod optim;
 pub mod prompts;
 pub mod request;
+pub mod runner;
 pub mod targets;
 pub mod trainer;
 

@@ -44,11 +44,13 @@ impl AdamW {
         let bc1 = 1.0 - c.beta1.powi(self.t as i32);
         let bc2 = 1.0 - c.beta2.powi(self.t as i32);
         for (i, g) in grads.iter().enumerate() {
+            // Detached, so the moments never keep a step's graph alive.
+            let g = g.detach();
             let var = &self.vars[i];
-            self.m[i] = ((&self.m[i] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
+            self.m[i] = ((&self.m[i] * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             self.v[i] = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let update = ((&self.m[i] / bc1)? / ((&self.v[i] / bc2)?.sqrt()? + c.eps)?)?;
-            let decayed = (var.as_tensor() * (1.0 - c.lr * c.weight_decay))?;
+            let decayed = (var.as_detached_tensor() * (1.0 - c.lr * c.weight_decay))?;
             var.set(&(decayed - (update * c.lr)?)?)?;
         }
         Ok(())

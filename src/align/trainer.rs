@@ -89,7 +89,7 @@ impl AlignConfig {
 }
 
 /// What one optimisation step measured.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StepReport {
     pub step: usize,
     pub reward_mean: f64,

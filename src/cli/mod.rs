@@ -1,5 +1,7 @@
-//! Command-line interface: `generate`, and the shared argument types.
+//! Command-line interface: one module per subcommand, and the shared argument types.
 
+pub mod align;
+pub mod evaluate;
 pub mod generate;
 pub mod serve;
 
@@ -21,19 +23,28 @@ pub struct Cli {
 pub enum Command {
     /// Generate one image from a prompt.
     Generate(generate::GenerateArgs),
+    /// Fine-tune a LoRA adapter with AlignProp (reward backpropagation), offline.
+    Align(align::AlignArgs),
+    /// Measure prompt following of a shapes model on held-out captions (analytic evaluator).
+    Evaluate(evaluate::EvaluateArgs),
     /// Serve the HTTP API.
     Serve(crate::server::ServerConfig),
     /// Print the HTTP API's OpenAPI document (JSON).
     Openapi,
     /// Train the embedded default model from scratch (resumable).
     Pretrain(crate::pretrain::PretrainArgs),
+    /// Train the object_count reward's counting CNN (resumable).
+    TrainCounter(crate::rewards::object_count_train::TrainCounterArgs),
 }
 
 impl Cli {
     pub fn run(self) -> Result<()> {
         match self.command {
             Command::Generate(args) => generate::run(args),
+            Command::Align(args) => align::run(args),
+            Command::Evaluate(args) => evaluate::run(args),
             Command::Pretrain(args) => crate::pretrain::run(&args),
+            Command::TrainCounter(args) => crate::rewards::object_count_train::run(&args),
             Command::Serve(config) => serve::run(config),
             Command::Openapi => serve::print_openapi(),
         }
@@ -44,7 +55,7 @@ impl Cli {
 #[derive(clap::Args, Debug, Clone)]
 pub struct DeviceArgs {
     /// Run on the GPU (needs a build with the `cuda` feature).
-    #[arg(long, env = "SDSERVE_CUDA")]
+    #[arg(long, env = "SDSERVE_CUDA", value_parser = clap::builder::BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true", default_value = "false")]
     pub cuda: bool,
     /// Compute precision: f32, f16 or bf16 (f16/bf16 only make sense on a GPU).
     #[arg(long, default_value = "f32", env = "SDSERVE_DTYPE")]

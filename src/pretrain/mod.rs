@@ -27,15 +27,18 @@ pub struct PretrainArgs {
     /// Output model folder (resumes when it holds a partial run).
     #[arg(long, default_value = crate::DEFAULT_MODEL_DIR)]
     pub out: PathBuf,
-    #[arg(long, default_value_t = 1500)]
+    #[arg(long, default_value_t = 800)]
     pub vae_steps: usize,
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 8)]
     pub vae_batch: usize,
-    #[arg(long, default_value_t = 4000)]
-    pub unet_steps: usize,
+    /// Side of the random crops the VAE trains on.
     #[arg(long, default_value_t = 32)]
+    pub vae_crop: usize,
+    #[arg(long, default_value_t = 1000)]
+    pub unet_steps: usize,
+    #[arg(long, default_value_t = 16)]
     pub unet_batch: usize,
-    #[arg(long, default_value_t = 5e-4)]
+    #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -70,7 +73,7 @@ pub fn run(args: &PretrainArgs) -> Result<()> {
         write_json(&vae_dir.join("config.json"), &arch::vae_config())?;
     }
 
-    let vae_opts = vae_stage::VaeStage { steps: args.vae_steps, batch: args.vae_batch, lr: args.lr, kl_weight: 1e-6, seed: args.seed };
+    let vae_opts = vae_stage::VaeStage { steps: args.vae_steps, batch: args.vae_batch, lr: args.lr, kl_weight: 1e-6, crop: args.vae_crop, seed: args.seed };
     let b = bar("vae");
     vae_stage::train(&vae_dir, &vae_opts, &device, &b)?;
     b.finish();

@@ -1,4 +1,5 @@
-//! Stage 1: the autoencoder, trained on reconstruction (L1 + MSE) with a small KL term.
+//! Stage 1: the autoencoder, trained on random crops for reconstruction (L1 + MSE) with a
+//! small KL term.
 
 use std::path::Path;
 use std::time::Instant;
@@ -6,6 +7,8 @@ use std::time::Instant;
 use anyhow::Result;
 use candle_core::{DType, Device};
 use indicatif::ProgressBar;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 use super::checkpoint::TrainState;
 use super::data::batch;
@@ -21,6 +24,8 @@ pub struct VaeStage {
     pub batch: usize,
     pub lr: f64,
     pub kl_weight: f64,
+    /// Side of the random square crop trained on (the VAE is convolutional).
+    pub crop: usize,
     pub seed: u64,
 }
 
@@ -36,13 +41,17 @@ pub fn train(dir: &Path, opts: &VaeStage, device: &Device, bar: &ProgressBar) ->
         params.load(&weights)?;
     }
     let mut opt = AdamW::new(params.vars(), AdamWConfig { lr: opts.lr, weight_decay: 0.0, ..Default::default() })?;
-    let mut noise = NoiseRng::new(opts.seed ^ 0x5eed);
+    let mut noise = NoiseRng::new(opts.seed ^ 0x5eed ^ state.step as u64);
+    let mut crops = ChaCha8Rng::seed_from_u64(opts.seed ^ state.step as u64);
     bar.set_length(opts.steps as u64);
     bar.set_position(state.step as u64);
     let size = super::arch::IMAGE_SIZE;
     let mut last_save = Instant::now();
     while state.step < opts.steps {
         let (x, _) = batch(opts.seed, (state.step * opts.batch) as u64, opts.batch, size, device)?;
+        let crop = opts.crop.min(size);
+        let (dy, dx) = (crops.random_range(0..=size - crop), crops.random_range(0..=size - crop));
+        let x = x.narrow(2, dy, crop)?.narrow(3, dx, crop)?.contiguous()?;
         let posterior = vae.encode(&x)?;
         let z = posterior.sample(&noise.randn(posterior.mean.shape(), DType::F32, device)?)?;
         let recon = vae.decode(&z)?;

@@ -46,9 +46,12 @@ pub fn estimated_bits_per_pixel(images: &Tensor, quality: u8) -> Result<Tensor> 
     // ITU-R BT.601 luma, centred as JPEG does.
     let weights = Tensor::new(&[0.299f64, 0.587, 0.114], &Device::Cpu)?.to_dtype(dtype)?.to_device(dev)?;
     let luma = ((img.broadcast_mul(&weights.reshape((1, 3, 1, 1))?)?.sum(1)? * 255.0)? - 128.0)?;
-    let blocks = luma.reshape((b, h8 / 8, 8, w8 / 8, 8))?.permute((0, 1, 3, 2, 4))?.contiguous()?;
+    let n = b * (h8 / 8) * (w8 / 8);
+    let blocks = luma.reshape((b, h8 / 8, 8, w8 / 8, 8))?.permute((0, 1, 3, 2, 4))?.contiguous()?.reshape((n, 8, 8))?;
     let d = Tensor::from_vec(dct_matrix(), (8, 8), &Device::Cpu)?.to_dtype(dtype)?.to_device(dev)?;
-    let coeffs = d.broadcast_matmul(&blocks)?.broadcast_matmul(&d.t()?)?;
+    // One explicit copy of D per block: candle's batched matmul rejects some broadcast layouts.
+    let d_n = d.unsqueeze(0)?.expand((n, 8, 8))?.contiguous()?;
+    let coeffs = d_n.matmul(&blocks)?.matmul(&d_n.t()?.contiguous()?)?.reshape((b, h8 / 8, w8 / 8, 8, 8))?;
     let q = Tensor::from_vec(quant_table(quality), (8, 8), &Device::Cpu)?.to_dtype(dtype)?.to_device(dev)?;
     let scaled = coeffs.broadcast_div(&q)?;
     // Smooth |x| keeps the gradient defined at zero.

@@ -1,8 +1,15 @@
 //! Differentiable rewards: each maps decoded images `[B, 3, H, W]` in `[0, 1]` (and their
 //! prompts) to one score per image.
 
+pub mod aesthetic;
+pub mod clip_input;
+pub mod clip_score;
 pub mod compressibility;
+pub mod models;
+pub mod object_count;
+pub mod object_count_train;
 pub mod pixel;
+pub mod prompt_match;
 pub mod registry;
 
 use candle_core::{Result, Tensor};

@@ -6,8 +6,13 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::aesthetic::Aesthetic;
+use super::clip_score::ClipScore;
 use super::compressibility::{Compressibility, Incompressibility};
+use super::models::ModelCache;
+use super::object_count::ObjectCount;
 use super::pixel::{Brightness, Saturation, TargetColor};
+use super::prompt_match::PromptMatch;
 use super::{Reward, WeightedRewards};
 
 /// One weighted reward of a request.
@@ -33,6 +38,22 @@ fn one() -> f64 {
 pub struct RewardModels {
     /// Folder with one sub-folder per model-based reward (e.g. `aesthetic/`).
     pub dir: Option<PathBuf>,
+    /// Models loaded by the rewards built from this value and its clones, shared while in use.
+    pub cache: ModelCache,
+}
+
+impl RewardModels {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: Some(dir.into()), ..Self::default() }
+    }
+
+    /// `<dir>/<sub>`, the weights folder of `reward`.
+    fn folder(&self, reward: &str, sub: &str) -> Result<PathBuf> {
+        match &self.dir {
+            Some(dir) => Ok(dir.join(sub)),
+            None => bail!("reward {reward} needs a reward models folder holding {sub}/ (see docs/rewards.md)"),
+        }
+    }
 }
 
 /// A reward the registry can build, with a one-line description.
@@ -48,10 +69,15 @@ pub const REWARDS: &[RewardInfo] = &[
     RewardInfo { name: "target_color", description: "minus the mean squared distance to `color`" },
     RewardInfo { name: "compressibility", description: "minus the estimated JPEG bits per pixel (8x8 DCT vs the quantisation table)" },
     RewardInfo { name: "incompressibility", description: "the estimated JPEG bits per pixel" },
+    RewardInfo { name: "object_count", description: "minus the smoothed distance between a CNN's expected object count and the count the prompt names" },
+    RewardInfo { name: "prompt_match", description: "foreground share in the prompt's colours minus the share in other palette colours" },
+    RewardInfo { name: "aesthetic", description: "LAION aesthetic predictor on CLIP ViT-L/14 image embeddings (weights in aesthetic/)" },
+    RewardInfo { name: "clip_score", description: "cosine similarity of the CLIP image and prompt embeddings (weights in clip/)" },
+    RewardInfo { name: "hps", description: "HPSv2 human preference score: the CLIP cosine with HPSv2 weights (weights in hps/)" },
 ];
 
 /// Builds one reward.
-pub fn build(spec: &RewardSpec, _models: &RewardModels) -> Result<Box<dyn Reward>> {
+pub fn build(spec: &RewardSpec, models: &RewardModels) -> Result<Box<dyn Reward>> {
     if !spec.weight.is_finite() {
         bail!("reward {:?}: weight must be finite", spec.reward);
     }
@@ -64,11 +90,25 @@ pub fn build(spec: &RewardSpec, _models: &RewardModels) -> Result<Box<dyn Reward
         },
         "compressibility" => Box::new(Compressibility),
         "incompressibility" => Box::new(Incompressibility),
+        "object_count" => Box::new(object_count(models)?),
+        "prompt_match" => Box::new(PromptMatch),
+        "aesthetic" => Box::new(Aesthetic::open(&models.folder("aesthetic", "aesthetic")?, &models.cache)?),
+        "clip_score" => Box::new(ClipScore::open("clip_score", &models.folder("clip_score", "clip")?, &models.cache)?),
+        "hps" => Box::new(ClipScore::open("hps", &models.folder("hps", "hps")?, &models.cache)?),
         other => {
             let names: Vec<&str> = REWARDS.iter().map(|r| r.name).collect();
             bail!("unknown reward {other:?} (available: {})", names.join(", "))
         }
     })
+}
+
+/// The object-count reward from `<models.dir>/object_count` (on the CPU).
+fn object_count(models: &RewardModels) -> Result<ObjectCount> {
+    let dir = models.folder("object_count", ObjectCount::DIR)?;
+    if !dir.join("model.safetensors").is_file() {
+        bail!("reward object_count: no weights at {} (train them with `sdserve train-counter --out {}`)", dir.join("model.safetensors").display(), dir.display());
+    }
+    ObjectCount::load(&dir, &candle_core::Device::Cpu)
 }
 
 /// Builds the weighted sum of `specs`.

@@ -44,11 +44,12 @@ pub struct AdapterMeta {
 }
 
 impl AdapterMeta {
-    /// Metadata for an adapter written by /align job `job_id` now.
-    pub fn align_job(job_id: impl Into<String>, base_model: Option<String>) -> Self {
+    /// Metadata for an adapter written now by an AlignProp run (/align job `job_id`, or the
+    /// CLI when `None`).
+    pub fn align_job(job_id: Option<String>, base_model: Option<String>) -> Self {
         Self {
             source: AdapterSource::AlignJob,
-            job_id: Some(job_id.into()),
+            job_id,
             created: Some(unix_now()),
             base_model,
             extra: Default::default(),

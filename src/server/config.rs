@@ -9,6 +9,7 @@ pub const DEFAULT_HOST: &str = "127.0.0.1";
 pub const DEFAULT_PORT: u16 = 8080;
 pub const DEFAULT_ADAPTERS_DIR: &str = "adapters";
 pub const DEFAULT_DATA_DIR: &str = "data";
+pub const DEFAULT_REWARD_MODELS_DIR: &str = "models/rewards";
 
 /// `sdserve serve`: the HTTP API over one model and a folder of LoRA adapters.
 #[derive(clap::Parser, Debug, Clone)]
@@ -65,6 +66,12 @@ pub struct ServerConfig {
     /// Largest adapter upload accepted by PUT /v1/adapters/{name}, in MiB.
     #[arg(long, env = "SDSERVE_MAX_UPLOAD_MB", default_value_t = 1024)]
     pub max_upload_mb: u64,
+    /// /align training jobs run at once (each takes one thread; the rest wait in the queue).
+    #[arg(long, env = "SDSERVE_ALIGN_WORKERS", default_value_t = 1)]
+    pub align_workers: usize,
+    /// Folder with the weights of model-based rewards (`object_count/`, `aesthetic/`, ...).
+    #[arg(long, env = "SDSERVE_REWARD_MODELS", default_value = DEFAULT_REWARD_MODELS_DIR)]
+    pub reward_models: PathBuf,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -158,6 +165,8 @@ impl Default for ServerConfig {
             adapter_cache_mb: 1024,
             pinned_adapters: Vec::new(),
             max_upload_mb: 1024,
+            align_workers: 1,
+            reward_models: DEFAULT_REWARD_MODELS_DIR.into(),
             device: DeviceArgs {
                 cuda: false,
                 dtype: "f32".into(),
@@ -196,6 +205,7 @@ impl ServerConfig {
     /// Checks values that clap cannot, before anything starts.
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.workers >= 1, "--workers must be at least 1");
+        anyhow::ensure!(self.align_workers >= 1, "--align-workers must be at least 1");
         anyhow::ensure!(self.limits.max_n >= 1, "--max-n must be at least 1");
         anyhow::ensure!(self.limits.max_steps >= 1, "--max-steps must be at least 1");
         if let Some(size) = &self.defaults.default_size {

@@ -7,7 +7,9 @@
 //! `sdserve_image_jobs_total{status}`, `sdserve_images_generated_total`,
 //! `sdserve_queue_rejections_total`, `sdserve_adapter_cache_hits_total`,
 //! `sdserve_adapter_cache_misses_total`, `sdserve_adapter_load_seconds`,
-//! `sdserve_adapter_apply_seconds`, `sdserve_adapter_cache_bytes`.
+//! `sdserve_adapter_apply_seconds`, `sdserve_adapter_cache_bytes`,
+//! `sdserve_align_jobs_submitted_total`, `sdserve_align_jobs_total{status}`,
+//! `sdserve_align_jobs_running`, `sdserve_align_step_seconds`.
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -115,6 +117,14 @@ fn describe() {
         "sdserve_adapter_cache_bytes",
         Unit::Bytes,
         "Memory held by parsed adapters in the cache"
+    );
+    describe_counter!("sdserve_align_jobs_submitted_total", "Align jobs accepted");
+    describe_counter!("sdserve_align_jobs_total", "Align jobs finished, by status");
+    describe_gauge!("sdserve_align_jobs_running", "Align jobs running now");
+    describe_histogram!(
+        "sdserve_align_step_seconds",
+        Unit::Seconds,
+        "Time of one AlignProp optimisation step"
     );
 }
 

@@ -13,12 +13,13 @@
 //! - [`routes`]: handlers and the router; [`auth`], [`metrics`]: middleware; [`openapi`]: the
 //!   document.
 //!
+//! - [`align`]: the /align job runner (training on the served model into adapters/).
+//!
 //! Start it with [`serve`], or [`Server::bind`] + [`Server::run_until`] to learn the bound
-//! address first, or [`spawn`] for a server on its own runtime thread (tests, benches). Extra
-//! routes (e.g. the /align job API) join through [`Server::bind_with`]; they get the same
-//! [`AppState`], whose `model`, `adapters` and `jobs` they can use.
+//! address first, or [`spawn`] for a server on its own runtime thread (tests, benches).
 
 pub mod adapters;
+pub mod align;
 pub mod api;
 pub mod auth;
 pub mod config;
@@ -61,12 +62,6 @@ impl Server {
     /// Binds the listener and starts loading the model on a background thread (`/ready` turns
     /// 200 once it is loaded; the workers start then).
     pub async fn bind(config: ServerConfig) -> Result<Self> {
-        Self::bind_with(config, Router::new()).await
-    }
-
-    /// [`Server::bind`] with extra routes merged into the API (they see the same state and
-    /// middleware: auth, metrics, CORS).
-    pub async fn bind_with(config: ServerConfig, extra: Router<AppState>) -> Result<Self> {
         config.validate()?;
         metrics::handle();
         if let Err(e) = std::fs::create_dir_all(&config.data_dir) {
@@ -77,8 +72,8 @@ impl Server {
         }
         let host = config.host.clone();
         let port = config.port;
-        let state = AppState::new(config);
-        let router = routes::app(state.clone(), extra)?;
+        let state = AppState::new(config)?;
+        let router = routes::app(state.clone())?;
         let listener = tokio::net::TcpListener::bind((host.as_str(), port))
             .await
             .with_context(|| format!("cannot listen on {host}:{port}"))?;
@@ -124,6 +119,7 @@ impl Server {
             e = model_failed => Err(anyhow::anyhow!("cannot load the model: {e}")),
         };
         state.jobs.close();
+        state.align.close();
         result
     }
 }
@@ -151,6 +147,7 @@ fn start_loading(state: &AppState) {
                     state.adapters.preload_pinned(&sd);
                     worker::spawn_workers(cfg.workers, state.jobs.clone(), sd.clone());
                     state.model.set(ModelStatus::Ready(sd));
+                    align::start(&state);
                 }
                 Err(e) => {
                     tracing::error!("cannot load the model from {}: {e:#}", cfg.model.display());
@@ -230,11 +227,6 @@ impl Drop for BackgroundServer {
 /// Starts a server on a background thread with its own tokio runtime and returns once it
 /// listens (the model may still be loading: see [`BackgroundServer::wait_ready`]).
 pub fn spawn(config: ServerConfig) -> Result<BackgroundServer> {
-    spawn_with(config, Router::new())
-}
-
-/// [`spawn`] with extra routes.
-pub fn spawn_with(config: ServerConfig, extra: Router<AppState>) -> Result<BackgroundServer> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("sdserve-http".into())
@@ -251,7 +243,7 @@ pub fn spawn_with(config: ServerConfig, extra: Router<AppState>) -> Result<Backg
                 }
             };
             runtime.block_on(async move {
-                let server = match Server::bind_with(config, extra).await {
+                let server = match Server::bind(config).await {
                     Ok(s) => s,
                     Err(e) => {
                         let _ = tx.send(Err(e));

@@ -6,7 +6,9 @@ use utoipa::{Modify, OpenApi};
 
 use super::api;
 use super::error;
-use super::routes::{adapters, images, jobs, system};
+use super::routes::{adapters, align, images, jobs, system};
+use crate::align::{jobs as align_jobs, request as align_request, trainer};
+use crate::rewards::registry::RewardSpec;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -29,6 +31,12 @@ requests asynchronously with progress and cancellation. Every error has the body
         adapters::put_adapter,
         adapters::delete_adapter,
         adapters::reload_adapters,
+        align::create_align_job,
+        align::list_align_jobs,
+        align::get_align_job,
+        align::cancel_align_job,
+        align::align_job_events,
+        align::list_rewards,
         system::list_models,
         system::get_model,
         system::health,
@@ -62,12 +70,25 @@ requests asynchronously with progress and cancellation. Every error has the body
         api::Health,
         api::Readiness,
         api::ReadyStatus,
+        align_request::AlignRequest,
+        align_request::TruncationRequest,
+        RewardSpec,
+        align_jobs::AlignJob,
+        align_jobs::AlignStatus,
+        align_jobs::AlignError,
+        align_jobs::AlignEvent,
+        trainer::StepReport,
+        align::AlignJobList,
+        align::AlignEventList,
+        align::RewardList,
+        align::RewardDescription,
     )),
     modifiers(&BearerAuth),
     tags(
         (name = "images", description = "OpenAI-compatible image generation"),
         (name = "jobs", description = "Asynchronous image jobs: submit, poll, cancel, events"),
         (name = "adapters", description = "LoRA adapters: list, upload, delete, rescan"),
+        (name = "align", description = "AlignProp runs: reward fine-tuning of LoRA adapters as background jobs"),
         (name = "models", description = "The served model"),
         (name = "system", description = "Probes and metrics (no API key needed)"),
     )

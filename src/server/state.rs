@@ -1,8 +1,10 @@
-//! Shared server state, handed to every handler (and to future job runners such as /align).
+//! Shared server state, handed to every handler and to the /align job runner.
 
 use std::sync::Arc;
 
 use super::adapters::AdapterRegistry;
+use crate::align::jobs::AlignJobs;
+use crate::rewards::registry::RewardModels;
 use super::config::ServerConfig;
 use super::error::ApiError;
 use super::jobs::JobQueue;
@@ -21,13 +23,17 @@ pub struct AppState {
     pub adapters: Arc<AdapterRegistry>,
     /// Image jobs and the queue the generation workers pull from.
     pub jobs: Arc<JobQueue>,
+    /// /align training jobs (records under `<data_dir>/align_jobs`).
+    pub align: Arc<AlignJobs>,
+    /// Where model-based rewards find their weights.
+    pub reward_models: RewardModels,
     /// Unix seconds at start.
     pub started: u64,
 }
 
 impl AppState {
-    /// State for `config`, model not loaded yet.
-    pub fn new(config: ServerConfig) -> Self {
+    /// State for `config`, model not loaded yet; reads the persisted /align job records.
+    pub fn new(config: ServerConfig) -> anyhow::Result<Self> {
         let model = ModelSlot::new();
         let adapters = Arc::new(AdapterRegistry::new(
             config.adapters_dir.clone(),
@@ -40,14 +46,18 @@ impl AppState {
             config.workers,
             config.job_history,
         ));
-        Self {
+        let align = AlignJobs::open(&config.data_dir.join("align_jobs"))?;
+        let reward_models = RewardModels::new(config.reward_models.clone());
+        Ok(Self {
             model_id: config.model_id().into(),
             config: Arc::new(config),
             model,
             adapters,
             jobs,
+            align,
+            reward_models,
             started: super::jobs::unix_now(),
-        }
+        })
     }
 
     /// The model, or a 503 while it loads.

@@ -1,6 +1,7 @@
 //! The router: routes, fallbacks and middleware (auth, metrics, tracing, CORS).
 
 pub mod adapters;
+pub mod align;
 pub mod images;
 pub mod jobs;
 pub mod system;
@@ -20,9 +21,8 @@ use utoipa_redoc::{Redoc, Servable};
 use super::openapi::ApiDoc;
 use super::state::AppState;
 
-/// The API routes, still needing their state: merge more routes (e.g. /align) into it with
-/// [`app`].
-pub fn routes(state: &AppState) -> Router<AppState> {
+/// The API routes, still needing their state.
+fn routes(state: &AppState) -> Router<AppState> {
     let upload_limit = usize::try_from(state.config.max_upload_mb.saturating_mul(1024 * 1024))
         .unwrap_or(usize::MAX);
     Router::new()
@@ -40,6 +40,12 @@ pub fn routes(state: &AppState) -> Router<AppState> {
                 .delete(adapters::delete_adapter)
                 .layer(DefaultBodyLimit::max(upload_limit)),
         )
+        .route("/align", post(align::create_align_job))
+        .route("/v1/align/jobs", post(align::create_align_job).get(align::list_align_jobs))
+        .route("/v1/align/jobs/{id}", get(align::get_align_job))
+        .route("/v1/align/jobs/{id}/cancel", post(align::cancel_align_job))
+        .route("/v1/align/jobs/{id}/events", get(align::align_job_events))
+        .route("/v1/align/rewards", get(align::list_rewards))
         .route("/v1/models", get(system::list_models))
         .route("/v1/models/{id}", get(system::get_model))
         .route("/health", get(system::health))
@@ -85,11 +91,10 @@ fn cors(origins: &[String]) -> anyhow::Result<Option<CorsLayer>> {
     ))
 }
 
-/// The complete application: [`routes`] plus `extra`, error fallbacks and middleware.
-pub fn app(state: AppState, extra: Router<AppState>) -> anyhow::Result<Router> {
+/// The complete application: [`routes`], error fallbacks and middleware.
+pub fn app(state: AppState) -> anyhow::Result<Router> {
     let cors = cors(&state.config.cors_origins)?;
     let router = routes(&state)
-        .merge(extra)
         .fallback(system::not_found)
         .method_not_allowed_fallback(system::method_not_allowed)
         .layer(from_fn_with_state(state.clone(), super::auth::require_key))

@@ -1,0 +1,161 @@
+//! `sdserve align`: an AlignProp run offline, with a progress bar; writes the adapter and its
+//! sidecar into the adapters folder exactly as the server's /align jobs do.
+
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::DeviceArgs;
+use crate::align::request::{AlignLimits, AlignRequest, TruncationRequest};
+use crate::align::runner;
+use crate::engine::noise::random_seed;
+use crate::engine::pipeline::StableDiffusion;
+use crate::lora::LoraAdapter;
+use crate::rewards::registry::{build_all, RewardModels, RewardSpec};
+use crate::server::AdapterMeta;
+
+#[derive(clap::Args, Debug)]
+pub struct AlignArgs {
+    /// diffusers-layout model folder.
+    #[arg(long, env = "SDSERVE_MODEL", default_value = crate::DEFAULT_MODEL_DIR)]
+    pub model: PathBuf,
+    /// Adapter name: writes `<adapters-dir>/<name>.safetensors` and `<name>.json`.
+    #[arg(long)]
+    pub name: String,
+    #[arg(long, env = "SDSERVE_ADAPTERS_DIR", default_value = crate::server::config::DEFAULT_ADAPTERS_DIR)]
+    pub adapters_dir: PathBuf,
+    /// A training prompt; repeatable (or give --prompt-set).
+    #[arg(long = "prompt")]
+    pub prompts: Vec<String>,
+    /// A built-in prompt list: `shapes` or `simple_animals`.
+    #[arg(long)]
+    pub prompt_set: Option<String>,
+    /// A reward as NAME[:WEIGHT]; repeatable (see `GET /v1/align/rewards`).
+    #[arg(long = "reward", required = true)]
+    pub rewards: Vec<String>,
+    #[arg(long, env = "SDSERVE_REWARD_MODELS", default_value = crate::server::config::DEFAULT_REWARD_MODELS_DIR)]
+    pub reward_models: PathBuf,
+    /// Optimiser steps.
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    pub learning_rate: f64,
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    #[arg(long, default_value_t = 4)]
+    pub lora_rank: usize,
+    /// Final denoising steps that carry gradient.
+    #[arg(long, default_value_t = 1, conflicts_with = "k_random")]
+    pub k: usize,
+    /// Draw K per trajectory from MIN..=MAX instead, e.g. `1,3`.
+    #[arg(long, value_delimiter = ',', num_args = 2)]
+    pub k_random: Option<Vec<usize>>,
+    #[arg(long, default_value_t = 10)]
+    pub sampler_steps: usize,
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance_scale: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub eta: f64,
+    /// Random when omitted (the seed used is printed and recorded).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// An adapter file to continue training.
+    #[arg(long)]
+    pub init_adapter: Option<PathBuf>,
+    /// Stop (successfully) after this many seconds.
+    #[arg(long)]
+    pub time_budget_s: Option<f64>,
+    /// Replace an existing adapter of the same name.
+    #[arg(long)]
+    pub overwrite: bool,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+fn reward_spec(arg: &str) -> Result<RewardSpec> {
+    let (name, weight) = match arg.rsplit_once(':') {
+        Some((n, w)) => (n, w.parse::<f64>().map_err(|_| anyhow!("--reward {arg:?}: weight must be a number"))?),
+        None => (arg, 1.0),
+    };
+    Ok(RewardSpec { reward: name.to_string(), weight, color: None })
+}
+
+impl AlignArgs {
+    /// The same request the HTTP API takes.
+    fn request(&self, seed: u64) -> Result<AlignRequest> {
+        let truncation = match &self.k_random {
+            Some(r) => TruncationRequest::Random { random: [r[0], r[1]] },
+            None => TruncationRequest::Fixed { k: self.k },
+        };
+        Ok(AlignRequest {
+            adapter_name: self.name.clone(),
+            prompts: (!self.prompts.is_empty()).then(|| self.prompts.clone()),
+            prompt_set: self.prompt_set.clone(),
+            negative_prompt: None,
+            rewards: self.rewards.iter().map(|r| reward_spec(r)).collect::<Result<_>>()?,
+            steps: self.steps,
+            learning_rate: self.learning_rate,
+            weight_decay: 1e-4,
+            max_grad_norm: 1.0,
+            batch_size: self.batch_size,
+            grad_accum: self.grad_accum,
+            lora_rank: self.lora_rank,
+            lora_alpha: None,
+            truncation,
+            sampler_steps: self.sampler_steps,
+            guidance_scale: self.guidance_scale,
+            eta: self.eta,
+            seed: Some(seed),
+            init_adapter: self.init_adapter.as_ref().map(|p| p.display().to_string()),
+            time_budget_s: self.time_budget_s,
+            width: crate::pretrain::IMAGE_SIZE,
+            height: crate::pretrain::IMAGE_SIZE,
+            overwrite: self.overwrite,
+        })
+    }
+}
+
+pub fn run(args: AlignArgs) -> Result<()> {
+    if !crate::server::adapters::valid_name(&args.name) {
+        bail!("invalid adapter name {:?}: 1-64 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit", args.name);
+    }
+    let out = args.adapters_dir.join(format!("{}.safetensors", args.name));
+    if out.exists() && !args.overwrite {
+        bail!("{} exists; pass --overwrite to replace it", out.display());
+    }
+    let seed = args.seed.unwrap_or_else(random_seed);
+    let request = args.request(seed)?;
+    let cfg = request.to_config(&AlignLimits::default(), seed).map_err(|(param, msg)| anyhow!("{param}: {msg}"))?;
+    let rewards = build_all(&request.rewards, &RewardModels::new(&args.reward_models))?;
+    let device = args.device.device()?;
+    let sd = StableDiffusion::load(&args.model, &device, args.device.dtype()?)?;
+    let init = match &args.init_adapter {
+        Some(p) => Some(LoraAdapter::from_file(p, &sd.lora_targets, &device)?),
+        None => None,
+    };
+    std::fs::create_dir_all(&args.adapters_dir).with_context(|| format!("cannot create {}", args.adapters_dir.display()))?;
+
+    eprintln!("seed {seed}");
+    let bar = ProgressBar::new(cfg.steps as u64).with_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").expect("valid template"),
+    );
+    let outcome = runner::run(&sd, &request, &cfg, &rewards, init.as_ref(), &out, &mut |r| {
+        bar.set_position(r.step as u64);
+        bar.set_message(format!("reward {:.4} ± {:.4}  loss {:.4}  |g| {:.3}", r.reward_mean, r.reward_std, r.loss, r.grad_norm));
+        if !bar.is_hidden() {
+            return Ok(());
+        }
+        eprintln!("step {}/{}: reward {:.4} ± {:.4} ({:.1} s)", r.step, cfg.steps, r.reward_mean, r.reward_std, r.seconds);
+        Ok(())
+    })?;
+    bar.finish();
+    let mut meta = AdapterMeta::align_job(None, Some(args.model.display().to_string()));
+    meta.extra = outcome.metadata;
+    let sidecar = args.adapters_dir.join(format!("{}.json", args.name));
+    std::fs::write(&sidecar, serde_json::to_vec_pretty(&meta)?).with_context(|| format!("cannot write {}", sidecar.display()))?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}

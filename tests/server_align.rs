@@ -1,0 +1,193 @@
+//! The /align job API on a real server over the fixture and the default model: validation, a job whose
+//! adapter is listed and makes generations brighter, events (JSON and SSE), cancel, and
+//! records that survive a restart.
+
+mod server_support;
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use server_support::{assert_error, start, TestServer};
+
+fn align_body(name: &str, steps: usize) -> Value {
+    json!({
+        "adapter_name": name,
+        "prompts": ["two red circles", "a blue square"],
+        "rewards": [{"reward": "brightness", "weight": 1.0}],
+        "steps": steps,
+        "learning_rate": 0.01,
+        "sampler_steps": 4,
+        "guidance_scale": 3.0,
+        "width": 32,
+        "height": 32,
+        "seed": 3
+    })
+}
+
+fn submit(s: &TestServer, body: &Value) -> Value {
+    let resp = s.post_json("/align", body);
+    let status = resp.status();
+    let text = resp.text().unwrap();
+    assert_eq!(status, StatusCode::ACCEPTED, "{text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+fn align_job(s: &TestServer, id: &str) -> Value {
+    let resp = s.get(&format!("/v1/align/jobs/{id}"));
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.json().unwrap()
+}
+
+fn wait_align(s: &TestServer, id: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let start = Instant::now();
+    loop {
+        let job = align_job(s, id);
+        if pred(&job) {
+            return job;
+        }
+        assert!(start.elapsed() < Duration::from_secs(300), "align job stuck: {job}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn terminal(job: &Value) -> bool {
+    matches!(job["status"].as_str(), Some("succeeded" | "failed" | "cancelled"))
+}
+
+/// Mean pixel value of generated images for fixed seeds, with or without the adapter.
+fn brightness(s: &TestServer, lora: Option<&str>) -> f64 {
+    let mut total = 0.0;
+    for seed in [91_001, 91_002, 91_003] {
+        let mut body = json!({"prompt": "two red circles", "size": "32x32", "steps": 4, "guidance_scale": 3.0,
+            "scheduler": "ddim", "seed": seed});
+        if let Some(name) = lora {
+            body["loras"] = json!([{"name": name, "weight": 1.0}]);
+        }
+        let b64 = s.image_b64(body);
+        let bytes = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
+        let img = image::load_from_memory(&bytes).unwrap().to_rgb8();
+        total += img.as_raw().iter().map(|&v| v as f64 / 255.0).sum::<f64>() / img.as_raw().len() as f64;
+    }
+    total / 3.0
+}
+
+#[test]
+fn align_job_writes_an_adapter_that_the_next_request_uses() {
+    // The committed default model: its trained decoder lets brightness move (the fixture's
+    // random one keeps the image mean nearly fixed).
+    let s = start(|c| c.model = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(sdserve::DEFAULT_MODEL_DIR));
+    let rewards: Value = s.get("/v1/align/rewards").json().unwrap();
+    assert!(rewards["data"].as_array().unwrap().iter().any(|r| r["name"] == "brightness"));
+
+    let before = brightness(&s, None);
+    let job = submit(&s, &align_body("brighter", 6));
+    assert_eq!(job["status"], "queued");
+    let id = job["id"].as_str().unwrap().to_string();
+    let done = wait_align(&s, &id, terminal);
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["fine_tuned_adapter"], "brighter");
+    assert_eq!(done["metrics"].as_array().unwrap().len(), 6);
+
+    let adapters: Value = s.get("/v1/adapters").json().unwrap();
+    let entry = adapters["data"].as_array().unwrap().iter().find(|a| a["name"] == "brighter").cloned().expect("listed");
+    assert_eq!(entry["source"], "align_job", "{entry}");
+    let sidecar: Value = serde_json::from_slice(&std::fs::read(s.adapters_dir.join("brighter.json")).unwrap()).unwrap();
+    assert_eq!(sidecar["job_id"], id.as_str());
+    assert_eq!(sidecar["reward_curve"].as_array().unwrap().len(), 6);
+    assert_eq!(sidecar["hyperparameters"]["lora_rank"], 4);
+
+    let after = brightness(&s, Some("brighter"));
+    println!("brightness over 3 seeds: base {before:.4}, with adapter {after:.4}");
+    assert!(after > before + 0.01, "{before} -> {after}");
+
+    // Events: JSON list, then the same as server-sent events (the stream ends with the job).
+    let events: Value = s.get(&format!("/v1/align/jobs/{id}/events")).json().unwrap();
+    let events = events["data"].as_array().unwrap().clone();
+    assert_eq!(events.iter().filter(|e| e["type"] == "metrics").count(), 6);
+    assert!(events.iter().all(|e| e["id"].as_u64().is_some()));
+    let mut sse = String::new();
+    s.client
+        .get(s.url(&format!("/v1/align/jobs/{id}/events")))
+        .header("accept", "text/event-stream")
+        .send()
+        .unwrap()
+        .read_to_string(&mut sse)
+        .unwrap();
+    assert_eq!(sse.matches("event: metrics").count(), 6, "{sse}");
+    assert!(sse.contains("job succeeded"));
+
+    // The same name again needs overwrite.
+    let err = assert_error(s.post_json("/align", &align_body("brighter", 1)), StatusCode::CONFLICT);
+    assert_eq!(err["code"], "adapter_exists");
+    s.assert_still_serving();
+}
+
+#[test]
+fn bad_align_requests_get_clear_errors() {
+    let s = start(|_| {});
+    let with = |k: &str, v: Value| {
+        let mut b = align_body("ok", 1);
+        b[k] = v;
+        b
+    };
+    for (body, param) in [
+        (with("adapter_name", json!("../escape")), "adapter_name"),
+        (with("rewards", json!([{"reward": "nope"}])), "rewards"),
+        (with("rewards", json!([])), "rewards"),
+        (with("truncation", json!({"k": 9})), "truncation"),
+        (with("steps", json!(0)), "steps"),
+        (with("learning_rate", json!(0.0)), "learning_rate"),
+        (with("prompt_set", json!("shapes")), "prompts"),
+    ] {
+        let err = assert_error(s.post_json("/v1/align/jobs", &body), StatusCode::BAD_REQUEST);
+        assert_eq!(err["param"], param, "{err}");
+    }
+    let err = assert_error(s.post_json("/align", &with("init_adapter", json!("missing"))), StatusCode::NOT_FOUND);
+    assert_eq!(err["param"], "init_adapter");
+    assert_error(s.post_json("/align", &with("surprise", json!(1))), StatusCode::BAD_REQUEST);
+    assert_error(s.post_raw("/align", "{not json"), StatusCode::BAD_REQUEST);
+    assert_error(s.get("/v1/align/jobs/alignjob-nope"), StatusCode::NOT_FOUND);
+    assert_error(s.post_json("/v1/align/jobs/alignjob-nope/cancel", &json!({})), StatusCode::NOT_FOUND);
+    let list: Value = s.get("/v1/align/jobs").json().unwrap();
+    assert_eq!(list["data"].as_array().unwrap().len(), 0);
+    s.assert_still_serving();
+}
+
+#[test]
+fn cancel_stops_a_running_job_and_records_persist() {
+    let s = start(|_| {});
+    let running = submit(&s, &align_body("long", 500));
+    let id = running["id"].as_str().unwrap().to_string();
+    // A second job waits behind it; cancelling it is immediate.
+    let queued = submit(&s, &align_body("later", 2));
+    let qid = queued["id"].as_str().unwrap().to_string();
+    assert_eq!(align_job(&s, &qid)["queue_position"], 1);
+    let c: Value = s.post_json(&format!("/v1/align/jobs/{qid}/cancel"), &json!({})).json().unwrap();
+    assert_eq!(c["status"], "cancelled");
+
+    wait_align(&s, &id, |j| j["step"].as_u64().unwrap_or(0) >= 1);
+    let resp = s.post_json(&format!("/v1/align/jobs/{id}/cancel"), &json!({}));
+    assert_eq!(resp.status(), StatusCode::OK);
+    let done = wait_align(&s, &id, terminal);
+    assert_eq!(done["status"], "cancelled", "{done}");
+    assert!(done["step"].as_u64().unwrap() < 500);
+    assert!(!s.adapters_dir.join("long.safetensors").exists());
+    let err = assert_error(s.post_json(&format!("/v1/align/jobs/{id}/cancel"), &json!({})), StatusCode::CONFLICT);
+    assert_eq!(err["code"], "job_finished");
+    s.assert_still_serving();
+
+    // Records persist; one left "running" by a crash reads back as failed/interrupted.
+    let records = s.root.join("data/align_jobs");
+    let mut crashed: Value = serde_json::from_slice(&std::fs::read(records.join(format!("{id}.json"))).unwrap()).unwrap();
+    crashed["id"] = json!("alignjob-crashed");
+    crashed["status"] = json!("running");
+    std::fs::write(records.join("alignjob-crashed.json"), serde_json::to_vec(&crashed).unwrap()).unwrap();
+    let jobs = sdserve::align::jobs::AlignJobs::open(&records).unwrap();
+    assert_eq!(jobs.get(&id).unwrap().status, sdserve::align::jobs::AlignStatus::Cancelled);
+    let reread = jobs.get("alignjob-crashed").unwrap();
+    assert_eq!(reread.status, sdserve::align::jobs::AlignStatus::Failed);
+    assert_eq!(reread.error.unwrap().code, "interrupted");
+}
