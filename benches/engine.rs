@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Device};
-use sdserve::align::backprop::{recompute, Trajectory};
+use sdserve::align::backprop::{full_graph, recompute, Trajectory};
 use sdserve::engine::pipeline::{GenerateParams, StableDiffusion};
 use sdserve::engine::noise::NoiseRng;
 use sdserve::engine::scheduler::Ddim;
@@ -71,6 +71,9 @@ fn main() -> anyhow::Result<()> {
     for k in [1, 2] {
         bench(&format!("truncated training step, 10 steps, K={k}"), 2, || {
             recompute(&traj, &lora, &x_t, k, &objective).unwrap();
+        });
+        bench(&format!("  same, one graph through all K={k} steps"), 2, || {
+            full_graph(&traj, &lora, &x_t, k, &objective).unwrap();
         });
     }
     Ok(())

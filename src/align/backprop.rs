@@ -8,6 +8,7 @@
 
 use candle_core::{Result, Tensor, Var};
 
+use super::optim::grad_or_zeros;
 use crate::engine::denoise::guided_noise_pred;
 use crate::engine::scheduler::Ddim;
 use crate::lora::{LoraSet, TrainableLora};
@@ -70,13 +71,6 @@ fn summarize(loss: &Tensor, rewards: &Tensor) -> Result<(f64, Vec<f64>)> {
     let loss = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
     let rewards = rewards.to_dtype(candle_core::DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
     Ok((loss, rewards))
-}
-
-fn grad_or_zeros(store: &candle_core::backprop::GradStore, v: &Var) -> Result<Tensor> {
-    match store.get(v.as_tensor()) {
-        Some(g) => Ok(g.clone()),
-        None => v.zeros_like(),
-    }
 }
 
 /// Backpropagates through the last `k` steps in a single autograd graph.

@@ -1,5 +1,6 @@
 //! AdamW (decoupled weight decay, as `torch.optim.AdamW`) with global gradient-norm clipping.
 
+use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
 
 /// AdamW hyperparameters.
@@ -54,6 +55,26 @@ impl AdamW {
             var.set(&(decayed - (update * c.lr)?)?)?;
         }
         Ok(())
+    }
+}
+
+impl AdamW {
+    /// Backpropagates `loss`, clips the gradients of the optimiser's variables to
+    /// `max_grad_norm` and takes a step; returns the norm before clipping.
+    pub fn minimize(&mut self, loss: &Tensor, max_grad_norm: f64) -> Result<f64> {
+        let store = loss.backward()?;
+        let mut grads = self.vars.iter().map(|v| grad_or_zeros(&store, v)).collect::<Result<Vec<_>>>()?;
+        let norm = clip_grad_norm(&mut grads, max_grad_norm)?;
+        self.step(&grads)?;
+        Ok(norm)
+    }
+}
+
+/// The gradient of `v` in `store`, zeros where the loss does not depend on it.
+pub fn grad_or_zeros(store: &GradStore, v: &Var) -> Result<Tensor> {
+    match store.get(v.as_tensor()) {
+        Some(g) => Ok(g.clone()),
+        None => v.zeros_like(),
     }
 }
 

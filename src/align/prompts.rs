@@ -8,22 +8,18 @@ const SIMPLE_ANIMALS: &[&str] = &[
     "turkey", "fly", "llama", "camel", "bat", "gorilla", "hedgehog", "kangaroo",
 ];
 
-/// Captions in the embedded default model's vocabulary.
-const SHAPES: &[&str] = &[
-    "one red circle",
-    "two blue squares",
-    "three green triangles",
-    "one yellow square and one red triangle",
-    "two red circles and a blue square",
-    "four yellow circles",
-];
+/// Training-split captions of the procedural shapes dataset (the embedded default model's
+/// domain); `sdserve evaluate` measures on held-out captions.
+fn shapes() -> Vec<String> {
+    use crate::dataset::{sample, Split};
+    (0..64).map(|i| sample(Split::Train, 0, i).caption()).collect()
+}
 
 /// The prompts of a named set.
 pub fn prompt_set(name: &str) -> Option<Vec<String>> {
-    let list = match name {
-        "simple_animals" => SIMPLE_ANIMALS,
-        "shapes" => SHAPES,
-        _ => return None,
-    };
-    Some(list.iter().map(|s| s.to_string()).collect())
+    match name {
+        "simple_animals" => Some(SIMPLE_ANIMALS.iter().map(|s| s.to_string()).collect()),
+        "shapes" => Some(shapes()),
+        _ => None,
+    }
 }

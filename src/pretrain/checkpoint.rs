@@ -11,6 +11,9 @@ pub struct TrainState {
     pub step: usize,
     pub seconds: f64,
     pub last_loss: f64,
+    /// The final held-out measurement, for stages that make one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_out_accuracy: Option<f64>,
 }
 
 impl TrainState {

@@ -13,7 +13,7 @@ use rand_chacha::ChaCha8Rng;
 use super::checkpoint::TrainState;
 use super::data::batch;
 use super::params::Params;
-use crate::align::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::align::optim::{AdamW, AdamWConfig};
 use crate::engine::noise::NoiseRng;
 use crate::engine::scheduler::schedule::alphas_cumprod;
 use crate::lora::LoraSet;
@@ -59,7 +59,7 @@ pub fn train(dir: &Path, opts: &DiffusionStage, device: &Device, bar: &ProgressB
         unet_params.load(&unet_file)?;
     }
     let vars: Vec<_> = text_params.vars().into_iter().chain(unet_params.vars()).collect();
-    let mut opt = AdamW::new(vars.clone(), AdamWConfig { lr: opts.lr, weight_decay: 1e-4, ..Default::default() })?;
+    let mut opt = AdamW::new(vars, AdamWConfig { lr: opts.lr, weight_decay: 1e-4, ..Default::default() })?;
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed ^ (state.step as u64) << 20);
     let mut noise = NoiseRng::new(opts.seed ^ 0xd1ff ^ state.step as u64);
     let scaling = vae_cfg.scaling_factor;
@@ -88,12 +88,7 @@ pub fn train(dir: &Path, opts: &DiffusionStage, device: &Device, bar: &ProgressB
         let t_f: Vec<f64> = ts.iter().map(|&t| t as f64).collect();
         let pred = unet.forward_timesteps(&noisy, &t_f, &context, LoraSet::none())?;
         let loss = (pred - eps)?.sqr()?.mean_all()?;
-        let mut grads: Vec<Tensor> = {
-            let store = loss.backward()?;
-            vars.iter().map(|v| store.get(v.as_tensor()).cloned().map_or_else(|| v.zeros_like(), Ok)).collect::<candle_core::Result<_>>()?
-        };
-        clip_grad_norm(&mut grads, 1.0)?;
-        opt.step(&grads)?;
+        opt.minimize(&loss, 1.0)?;
         let l = loss.to_scalar::<f32>()? as f64;
         let smoothed = ema_loss.map_or(l, |e: f64| 0.98 * e + 0.02 * l);
         ema_loss = Some(smoothed);

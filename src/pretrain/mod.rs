@@ -2,7 +2,7 @@
 //! tokenizer → VAE → text encoder + UNet, saved as a diffusers-layout folder.
 
 mod arch;
-mod checkpoint;
+pub(crate) mod checkpoint;
 mod data;
 mod diffusion_stage;
 mod params;

@@ -13,7 +13,7 @@ use rand_chacha::ChaCha8Rng;
 use super::checkpoint::TrainState;
 use super::data::batch;
 use super::params::Params;
-use crate::align::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::align::optim::{AdamW, AdamWConfig};
 use crate::engine::noise::NoiseRng;
 use crate::model::config::VaeConfig;
 use crate::model::vae::AutoencoderKL;
@@ -60,12 +60,7 @@ pub fn train(dir: &Path, opts: &VaeStage, device: &Device, bar: &ProgressBar) ->
         let kl = ((posterior.mean.sqr()? + posterior.logvar.exp()?)? - posterior.logvar)?;
         let kl = ((kl - 1.0)? * 0.5)?.mean_all()?;
         let loss = (rec + (kl * opts.kl_weight)?)?;
-        let mut grads: Vec<_> = {
-            let store = loss.backward()?;
-            params.vars().iter().map(|v| store.get(v.as_tensor()).cloned().unwrap_or_else(|| v.zeros_like().unwrap())).collect()
-        };
-        clip_grad_norm(&mut grads, 1.0)?;
-        opt.step(&grads)?;
+        opt.minimize(&loss, 1.0)?;
         state.step += 1;
         state.last_loss = loss.to_scalar::<f32>()? as f64;
         bar.set_position(state.step as u64);

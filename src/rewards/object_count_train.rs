@@ -2,7 +2,7 @@
 //! procedural training split (blur, down/up-scaling, flips, colour jitter, noise: what a
 //! small diffusion model's samples look like) and measures it on clean held-out renders.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -13,10 +13,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
-use serde::{Deserialize, Serialize};
 
 use super::object_count::{ObjectCountConfig, ObjectCounter};
-use crate::align::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::align::optim::{AdamW, AdamWConfig};
+use crate::pretrain::checkpoint::TrainState;
 use crate::dataset::{sample, Scene, Split};
 use crate::pretrain::Params;
 
@@ -26,7 +26,7 @@ pub struct TrainCounterArgs {
     /// Output folder (resumes when it holds a partial run).
     #[arg(long, default_value = "models/rewards/object_count")]
     pub out: PathBuf,
-    #[arg(long, default_value_t = 1500)]
+    #[arg(long, default_value_t = 1000)]
     pub steps: usize,
     #[arg(long, default_value_t = 32)]
     pub batch: usize,
@@ -41,34 +41,6 @@ pub struct TrainCounterArgs {
 
 /// Seed of the held-out renders the final accuracy is measured on.
 pub const EVAL_SEED: u64 = 0xc0417;
-
-/// `<out>/train_state.json`: progress for resuming, and the final measurement.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-struct CounterState {
-    step: usize,
-    seconds: f64,
-    last_loss: f64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    held_out_accuracy: Option<f64>,
-}
-
-impl CounterState {
-    fn path(dir: &Path) -> PathBuf {
-        dir.join("train_state.json")
-    }
-
-    fn load(dir: &Path) -> Result<Self> {
-        let path = Self::path(dir);
-        if !path.is_file() {
-            return Ok(Self::default());
-        }
-        crate::model::config::read_json(&path)
-    }
-
-    fn save(&self, dir: &Path) -> Result<()> {
-        std::fs::write(Self::path(dir), serde_json::to_string_pretty(self)?).with_context(|| format!("cannot write {}", dir.display()))
-    }
-}
 
 /// `[N, 3, H, W]` f32 pixels in `[0, 1]` from channel-major pixel buffers of `size`² pixels.
 fn stack(pixels: Vec<f32>, n: usize, size: usize, device: &Device) -> Result<Tensor> {
@@ -88,9 +60,8 @@ pub fn renders(split: Split, seed: u64, first: u64, n: usize, size: usize, devic
 }
 
 /// A randomly degraded copy of `img`, channel-major in `[0, 1]`.
-fn augment(img: RgbImage, rng: &mut impl Rng) -> Vec<f32> {
+fn augment(mut img: RgbImage, rng: &mut impl Rng) -> Vec<f32> {
     let (w, h) = img.dimensions();
-    let mut img = img;
     if rng.random_bool(0.3) {
         let side = [w / 3, w / 2, w * 3 / 4][rng.random_range(0..3)];
         img = imageops::resize(&imageops::resize(&img, side, side, FilterType::Triangle), w, h, FilterType::Triangle);
@@ -161,11 +132,11 @@ pub fn run(args: &TrainCounterArgs) -> Result<()> {
     let params = Params::new(args.seed);
     let counter = ObjectCounter::new(params.var_builder(DType::F32, &device), &cfg)?;
     let weights = out.join("model.safetensors");
-    let mut state = CounterState::load(out)?;
+    let mut state = TrainState::load(out)?.unwrap_or_default();
     if state.step > 0 && weights.is_file() {
         params.load(&weights)?;
     } else {
-        state = CounterState::default();
+        state = TrainState::default();
     }
     let mut opt = AdamW::new(params.vars(), AdamWConfig { lr: args.lr, weight_decay: 1e-4, ..Default::default() })?;
     let classes = Tensor::arange(0u32, cfg.max_count as u32 + 1, &device)?.to_dtype(DType::F32)?.unsqueeze(0)?;
@@ -185,13 +156,7 @@ pub fn run(args: &TrainCounterArgs) -> Result<()> {
         let expected = candle_nn::ops::softmax(&logits, 1)?.broadcast_mul(&classes)?.sum(1)?;
         let l1 = (expected - target.to_dtype(DType::F32)?)?.abs()?.mean_all()?;
         let loss = (ce + l1)?;
-        let store = loss.backward()?;
-        // Detached: candle leaves the variables' gradients attached to the forward graph,
-        // which the optimiser's moments would otherwise keep alive step after step.
-        let mut grads: Vec<Tensor> =
-            params.vars().iter().map(|v| store.get(v.as_tensor()).map_or_else(|| v.zeros_like(), |g| Ok(g.detach()))).collect::<candle_core::Result<_>>()?;
-        clip_grad_norm(&mut grads, 1.0)?;
-        opt.step(&grads)?;
+        opt.minimize(&loss, 1.0)?;
         state.step += 1;
         state.last_loss = loss.to_scalar::<f32>()? as f64;
         bar.set_position(state.step as u64);
