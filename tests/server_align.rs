@@ -191,3 +191,17 @@ fn cancel_stops_a_running_job_and_records_persist() {
     assert_eq!(reread.status, sdserve::align::jobs::AlignStatus::Failed);
     assert_eq!(reread.error.unwrap().code, "interrupted");
 }
+
+#[test]
+fn non_finite_loss_fails_the_job_and_the_server_keeps_serving() {
+    let s = start(|_| {});
+    let mut body = align_body("overflow", 3);
+    body["rewards"] = json!([{"reward": "brightness", "weight": 1e300}]);
+    let job = submit(&s, &body);
+    let done = wait_align(&s, job["id"].as_str().unwrap(), terminal);
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["error"]["code"], "non_finite", "{done}");
+    assert!(done["error"]["message"].as_str().unwrap().contains("non-finite"));
+    assert!(!s.adapters_dir.join("overflow.safetensors").exists());
+    s.assert_still_serving();
+}
