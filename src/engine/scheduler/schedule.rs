@@ -79,6 +79,10 @@ pub fn spaced_timesteps(cfg: &SchedulerConfig, steps: usize) -> Result<Vec<f64>>
     Ok(match cfg.timestep_spacing.as_str() {
         "leading" => {
             let ratio = n / steps;
+            let last = (steps - 1) * ratio + cfg.steps_offset;
+            if last >= n {
+                bail!("{steps} steps with steps_offset {} reach timestep {last}, beyond the {n} training timesteps; use at most {} steps", cfg.steps_offset, steps - 1);
+            }
             (0..steps).rev().map(|i| (i * ratio + cfg.steps_offset) as f64).collect()
         }
         "trailing" => trailing(n, steps),

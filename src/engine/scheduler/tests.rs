@@ -226,3 +226,11 @@ fn kinds_parse_and_build() {
     assert!("plms".parse::<SchedulerKind>().is_err());
     assert_eq!(serde_json::to_string(&SchedulerKind::DpmPp2mKarras).unwrap(), "\"dpmpp_2m_karras\"");
 }
+
+#[test]
+fn leading_spacing_past_the_last_training_timestep_is_an_error() {
+    let cfg = sd_config();
+    assert_eq!(schedule::spaced_timesteps(&cfg, 999).unwrap()[0], 999.0);
+    let err = Ddim::new(&cfg, 1000, 0.0).err().unwrap().to_string();
+    assert!(err.contains("use at most 999 steps"), "{err}");
+}
