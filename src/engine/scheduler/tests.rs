@@ -23,6 +23,20 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()
 }
 
+/// Runs `s` from noise with the exact v-prediction for a fixed x0; returns `(x0, result)`.
+fn v_oracle(s: &mut Ddim) -> (Tensor, Tensor) {
+    let (x0, noise) = tensors();
+    let mut x = noise;
+    let mut rng = NoiseRng::new(1);
+    for i in 0..s.timesteps().len() {
+        let (a, _) = s.alphas(i);
+        let eps = ((&x - (&x0 * a.sqrt()).unwrap()).unwrap() / (1.0 - a).sqrt()).unwrap();
+        let v = ((eps * a.sqrt()).unwrap() - (&x0 * (1.0 - a).sqrt()).unwrap()).unwrap();
+        x = Scheduler::step(s, &v, i, &x, &mut rng).unwrap();
+    }
+    (x0, x)
+}
+
 #[test]
 fn ddim_recovers_x0_from_an_exact_noise_prediction() {
     let mut cfg = sd_config();
@@ -61,16 +75,7 @@ fn v_prediction_ddim_recovers_x0() {
     let mut cfg = sd_config();
     cfg.set_alpha_to_one = true;
     cfg.prediction_type = "v_prediction".into();
-    let (x0, noise) = tensors();
-    let mut s = Ddim::new(&cfg, 5, 0.0).unwrap();
-    let mut x = noise.clone();
-    let mut rng = NoiseRng::new(1);
-    for i in 0..5 {
-        let (a, _) = s.alphas(i);
-        let eps = ((&x - (&x0 * a.sqrt()).unwrap()).unwrap() / (1.0 - a).sqrt()).unwrap();
-        let v = ((eps * a.sqrt()).unwrap() - (&x0 * (1.0 - a).sqrt()).unwrap()).unwrap();
-        x = Scheduler::step(&mut s, &v, i, &x, &mut rng).unwrap();
-    }
+    let (x0, x) = v_oracle(&mut Ddim::new(&cfg, 5, 0.0).unwrap());
     assert!(max_diff(&x, &x0) < 1e-9);
 }
 
@@ -190,15 +195,7 @@ fn zero_snr_schedules() {
     // DDIM with v-prediction starts from pure noise (ᾱ = 0) and still lands on x0.
     let mut s = Ddim::new(&cfg, 5, 0.0).unwrap();
     assert_eq!(s.timesteps()[0], 999.0);
-    let (x0, noise) = tensors();
-    let mut x = noise.clone();
-    let mut rng = NoiseRng::new(1);
-    for i in 0..5 {
-        let (a, _) = s.alphas(i);
-        let eps = ((&x - (&x0 * a.sqrt()).unwrap()).unwrap() / (1.0 - a).sqrt()).unwrap();
-        let v = ((eps * a.sqrt()).unwrap() - (&x0 * (1.0 - a).sqrt()).unwrap()).unwrap();
-        x = Scheduler::step(&mut s, &v, i, &x, &mut rng).unwrap();
-    }
+    let (x0, x) = v_oracle(&mut s);
     assert!(max_diff(&x, &x0) < 1e-5, "{}", max_diff(&x, &x0));
 }
 
