@@ -29,6 +29,7 @@ fn run(model: &Path, reward: &str, steps: usize, lr: f64, out: &Path) -> (f64, f
         "steps": steps,
         "learning_rate": lr,
         "sampler_steps": 4,
+        "truncation": {"k": 4},
         "guidance_scale": 3.0,
         "width": 32,
         "height": 32,

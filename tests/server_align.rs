@@ -20,6 +20,7 @@ fn align_body(name: &str, steps: usize) -> Value {
         "steps": steps,
         "learning_rate": 0.01,
         "sampler_steps": 4,
+        "truncation": {"k": 4},
         "guidance_scale": 3.0,
         "width": 32,
         "height": 32,
@@ -118,6 +119,14 @@ fn align_job_writes_an_adapter_that_the_next_request_uses() {
         .unwrap();
     assert_eq!(sse.matches("event: metrics").count(), 6, "{sse}");
     assert!(sse.contains("job succeeded"));
+
+    // A run can continue from an existing adapter.
+    let mut more = align_body("brighter-more", 2);
+    more["init_adapter"] = json!("brighter");
+    let cont = wait_align(&s, submit(&s, &more)["id"].as_str().unwrap(), terminal);
+    assert_eq!(cont["status"], "succeeded", "{cont}");
+    let sidecar: Value = serde_json::from_slice(&std::fs::read(s.adapters_dir.join("brighter-more.json")).unwrap()).unwrap();
+    assert_eq!(sidecar["hyperparameters"]["init_adapter"], "brighter");
 
     // The same name again needs overwrite.
     let err = assert_error(s.post_json("/align", &align_body("brighter", 1)), StatusCode::CONFLICT);
