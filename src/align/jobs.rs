@@ -27,6 +27,17 @@ pub enum AlignStatus {
 }
 
 impl AlignStatus {
+    /// The API spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlignStatus::Queued => "queued",
+            AlignStatus::Running => "running",
+            AlignStatus::Succeeded => "succeeded",
+            AlignStatus::Failed => "failed",
+            AlignStatus::Cancelled => "cancelled",
+        }
+    }
+
     pub fn is_terminal(self) -> bool {
         matches!(self, AlignStatus::Succeeded | AlignStatus::Failed | AlignStatus::Cancelled)
     }
@@ -124,21 +135,11 @@ impl AlignJob {
         self.status = status;
         self.finished_at = Some(unix_now());
         let msg = match &error {
-            Some(e) => format!("job {}: {}", status_str(status), e.message),
-            None => format!("job {}", status_str(status)),
+            Some(e) => format!("job {}: {}", status.as_str(), e.message),
+            None => format!("job {}", status.as_str()),
         };
         self.error = error;
         self.log("message", msg, None)
-    }
-}
-
-fn status_str(s: AlignStatus) -> &'static str {
-    match s {
-        AlignStatus::Queued => "queued",
-        AlignStatus::Running => "running",
-        AlignStatus::Succeeded => "succeeded",
-        AlignStatus::Failed => "failed",
-        AlignStatus::Cancelled => "cancelled",
     }
 }
 
@@ -378,7 +379,7 @@ impl AlignJobs {
                 }
             };
             metrics::gauge!("sdserve_align_jobs_running").decrement(1.0);
-            metrics::counter!("sdserve_align_jobs_total", "status" => status_str(job.status)).increment(1);
+            metrics::counter!("sdserve_align_jobs_total", "status" => job.status.as_str()).increment(1);
             self.publish(&job, ev);
         }
     }

@@ -191,11 +191,9 @@ pub async fn cancel_align_job(State(state): State<AppState>, ApiPath(id): ApiPat
     match state.align.cancel(&id) {
         Ok(job) => Ok(Json(job)),
         Err(CancelError::NotFound) => Err(not_found(&id)),
-        Err(CancelError::Terminal(status)) => Err(ApiError::conflict(format!(
-            "job {id} has already finished ({})",
-            serde_json::to_value(status).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
-        ))
-        .code("job_finished")),
+        Err(CancelError::Terminal(status)) => {
+            Err(ApiError::conflict(format!("job {id} has already finished ({})", status.as_str())).code("job_finished"))
+        }
     }
 }
 
