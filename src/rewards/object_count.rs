@@ -24,11 +24,20 @@ pub struct ObjectCountConfig {
     pub hidden: usize,
     /// Largest count the head predicts.
     pub max_count: usize,
+    /// Softmax temperature of the reward's expected count. The trained counter's logits are
+    /// 10–40 apart, which saturates the softmax and leaves the reward almost no gradient;
+    /// dividing them by ~10 keeps it informative. Accuracy is measured at 1.
+    #[serde(default = "one")]
+    pub reward_temperature: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 impl Default for ObjectCountConfig {
     fn default() -> Self {
-        Self { image_size: 64, channels: vec![16, 32, 32, 32], hidden: 64, max_count: 4 }
+        Self { image_size: 64, channels: vec![16, 32, 32, 32], hidden: 64, max_count: 4, reward_temperature: 1.0 }
     }
 }
 
@@ -80,9 +89,9 @@ impl ObjectCounter {
         self.fc2.forward(&self.fc1.forward(&x.flatten_from(1)?)?.silu()?)
     }
 
-    /// `[B]` expected count under the predicted distribution.
-    pub fn expected_count(&self, images: &Tensor) -> Result<Tensor> {
-        let probs = candle_nn::ops::softmax(&self.forward(images)?, 1)?;
+    /// `[B]` expected count under the predicted distribution at softmax `temperature`.
+    pub fn expected_count(&self, images: &Tensor, temperature: f64) -> Result<Tensor> {
+        let probs = candle_nn::ops::softmax(&(self.forward(images)? / temperature)?, 1)?;
         let counts = Tensor::arange(0u32, self.cfg.max_count as u32 + 1, probs.device())?.to_dtype(probs.dtype())?;
         probs.broadcast_mul(&counts.unsqueeze(0)?)?.sum(1)
     }
@@ -145,7 +154,7 @@ impl Reward for ObjectCount {
         let counter = &self.counter;
         let x = images.to_device(&counter.device)?.to_dtype(counter.dtype)?;
         let target = Tensor::new(counts, &counter.device)?.to_dtype(counter.dtype)?;
-        let d2 = (counter.expected_count(&x)? - target)?.sqr()?;
+        let d2 = (counter.expected_count(&x, counter.cfg.reward_temperature)? - target)?.sqr()?;
         let reward = ((d2 + SMOOTHING * SMOOTHING)?.sqrt()? - SMOOTHING)?.neg()?;
         reward.to_device(images.device())?.to_dtype(images.dtype())
     }

@@ -111,7 +111,7 @@ pub fn held_out_accuracy(counter: &ObjectCounter, seed: u64, n: usize) -> Result
     for first in (0..n).step_by(100) {
         let m = 100.min(n - first);
         let (images, scenes) = renders(Split::HeldOut, seed, first as u64, m, size, &Device::Cpu)?;
-        let predicted = counter.expected_count(&images)?.to_vec1::<f32>()?;
+        let predicted = counter.expected_count(&images, 1.0)?.to_vec1::<f32>()?;
         correct += predicted.iter().zip(&scenes).filter(|(p, s)| p.round() == s.shapes.len() as f32).count();
     }
     Ok(correct as f64 / n.max(1) as f64)
