@@ -34,7 +34,7 @@ pub struct PretrainArgs {
     /// Side of the random crops the VAE trains on.
     #[arg(long, default_value_t = 32)]
     pub vae_crop: usize,
-    #[arg(long, default_value_t = 3000)]
+    #[arg(long, default_value_t = 4200)]
     pub unet_steps: usize,
     #[arg(long, default_value_t = 16)]
     pub unet_batch: usize,
