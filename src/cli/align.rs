@@ -120,7 +120,7 @@ impl AlignArgs {
 
 pub fn run(args: AlignArgs) -> Result<()> {
     if !crate::server::adapters::valid_name(&args.name) {
-        bail!("invalid adapter name {:?}: 1-64 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit", args.name);
+        bail!(crate::server::adapters::AdapterError::InvalidName(args.name.clone()));
     }
     let out = args.adapters_dir.join(format!("{}.safetensors", args.name));
     if out.exists() && !args.overwrite {

@@ -19,7 +19,7 @@ use crate::align::jobs::{AlignEvent, AlignJob, AlignJobs, CancelError};
 use crate::align::request::{AlignLimits, AlignRequest};
 use crate::engine::noise::random_seed;
 use crate::rewards::registry::{build_all, REWARDS};
-use crate::server::adapters::valid_name;
+use crate::server::adapters::{valid_name, AdapterError};
 use crate::server::error::{ApiError, ErrorResponse};
 use crate::server::extract::{ApiJson, ApiPath, ApiQuery};
 use crate::server::state::AppState;
@@ -74,11 +74,7 @@ fn not_found(id: &str) -> ApiError {
 /// Everything that would make the job fail at once is a 4xx now.
 fn validate(state: &AppState, req: &AlignRequest, seed: u64) -> Result<(), ApiError> {
     if !valid_name(&req.adapter_name) {
-        return Err(ApiError::invalid(
-            "adapter_name",
-            format!("invalid adapter name {:?}: 1-64 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit", req.adapter_name),
-        )
-        .code("invalid_adapter_name"));
+        return Err(ApiError::from(AdapterError::InvalidName(req.adapter_name.clone())).param("adapter_name"));
     }
     if state.adapters.exists(&req.adapter_name) && !req.overwrite {
         return Err(ApiError::conflict(format!("adapter {:?} already exists; set \"overwrite\": true to replace it", req.adapter_name))
