@@ -6,6 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
+use common::TempDir;
 use sdserve::align::request::{AlignLimits, AlignRequest};
 use sdserve::align::{attention_targets, runner, trainer};
 use sdserve::engine::pipeline::StableDiffusion;
@@ -57,17 +58,12 @@ fn run(model: &Path, reward: &str, steps: usize, lr: f64, out: &Path) -> (f64, f
     (before, after, sd)
 }
 
-fn temp_file(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sdserve-align-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
-
 #[test]
 fn fixture_run_improves_held_out_seeds_and_saves_diffusers_keys() {
     // The fixture's random VAE decoder keeps image statistics nearly fixed (its last
     // GroupNorm), so gains are small there, but evaluation is deterministic: any gain is real.
-    let out = temp_file("fixture.safetensors");
+    let tmp = TempDir::new("align");
+    let out = tmp.0.join("fixture.safetensors");
     let (before, after, sd) = run(&common::fixture_dir(), "compressibility", 6, 0.01, &out);
     assert!(after > before, "reward did not improve: {before} -> {after}");
 
@@ -87,7 +83,8 @@ fn fixture_run_improves_held_out_seeds_and_saves_diffusers_keys() {
 #[test]
 fn default_model_brightness_run_improves_held_out_seeds() {
     let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(sdserve::DEFAULT_MODEL_DIR);
-    let (before, after, _) = run(&model, "brightness", 6, 0.01, &temp_file("default.safetensors"));
+    let tmp = TempDir::new("align");
+    let (before, after, _) = run(&model, "brightness", 6, 0.01, &tmp.0.join("default.safetensors"));
     assert!(after > before + 0.02, "brightness did not improve enough: {before} -> {after}");
 }
 

@@ -3,17 +3,17 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use candle_core::{DType, Device};
+use common::TempDir;
 use sdserve::engine::pipeline::StableDiffusion;
 
 /// A scratch copy of the fixture model.
-fn copy_model(tag: &str) -> PathBuf {
-    let dst = std::env::temp_dir().join(format!("sdserve-bad-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dst);
-    copy_dir(&common::fixture_dir(), &dst);
+fn copy_model(tag: &str) -> TempDir {
+    let dst = TempDir::new(&format!("bad-{tag}"));
+    copy_dir(&common::fixture_dir(), &dst.0);
     dst
 }
 
@@ -39,42 +39,47 @@ fn load_error(dir: &Path) -> String {
 
 #[test]
 fn missing_config_file_is_named() {
-    let dir = copy_model("cfg");
+    let tmp = copy_model("cfg");
+    let dir = &tmp.0;
     std::fs::remove_file(dir.join("unet/config.json")).unwrap();
-    let err = load_error(&dir);
+    let err = load_error(dir);
     assert!(err.contains("unet/config.json"), "{err}");
 }
 
 #[test]
 fn missing_model_index_is_reported() {
-    let dir = copy_model("index");
+    let tmp = copy_model("index");
+    let dir = &tmp.0;
     std::fs::remove_file(dir.join("model_index.json")).unwrap();
-    assert!(load_error(&dir).contains("model_index.json"));
+    assert!(load_error(dir).contains("model_index.json"));
 }
 
 #[test]
 fn corrupt_safetensors_is_reported() {
-    let dir = copy_model("corrupt");
+    let tmp = copy_model("corrupt");
+    let dir = &tmp.0;
     let file = dir.join("vae/diffusion_pytorch_model.safetensors");
     let bytes = std::fs::read(&file).unwrap();
     std::fs::write(&file, &bytes[..bytes.len() / 3]).unwrap();
-    let err = load_error(&dir);
+    let err = load_error(dir);
     assert!(err.contains("diffusion_pytorch_model.safetensors"), "{err}");
 }
 
 #[test]
 fn wrong_tensor_shape_is_reported() {
-    let dir = copy_model("shape");
+    let tmp = copy_model("shape");
+    let dir = &tmp.0;
     let cfg_path = dir.join("text_encoder/config.json");
     let text = std::fs::read_to_string(&cfg_path).unwrap().replace("\"intermediate_size\": 69", "\"intermediate_size\": 70");
     std::fs::write(&cfg_path, text).unwrap();
-    let err = load_error(&dir);
+    let err = load_error(dir);
     assert!(err.contains("shape"), "{err}");
 }
 
 #[test]
 fn cli_generates_a_png_and_rejects_bad_adapters() {
-    let out = std::env::temp_dir().join(format!("sdserve-cli-{}.png", std::process::id()));
+    let tmp = TempDir::new("cli");
+    let out = tmp.0.join("out.png");
     let model = common::fixture_dir();
     let lora = model.join("loras/probe_kohya.safetensors");
     let status = Command::new(env!("CARGO_BIN_EXE_sdserve"))

@@ -1,10 +1,12 @@
 //! Adapter files: format detection, scales, validation errors and the diffusers writer.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, Device, Tensor};
+use common::TempDir;
 use sdserve::lora::{
     save_diffusers, Component, LoraAdapter, LoraFormat, LoraTargets, PipelineLora,
 };
@@ -13,12 +15,8 @@ type Tensors = BTreeMap<String, Tensor>;
 
 const Q: &str = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q";
 
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd1")
-}
-
 fn targets() -> LoraTargets {
-    let dir = fixture();
+    let dir = common::fixture_dir();
     LoraTargets::from_files(
         &dir.join("unet/diffusion_pytorch_model.safetensors"),
         &dir.join("text_encoder/model.safetensors"),
@@ -27,7 +25,7 @@ fn targets() -> LoraTargets {
 }
 
 fn lora_path(name: &str) -> PathBuf {
-    fixture().join("loras").join(name)
+    common::fixture_dir().join("loras").join(name)
 }
 
 fn load(name: &str) -> LoraAdapter {
@@ -39,29 +37,6 @@ fn tensors(name: &str) -> Tensors {
         .unwrap()
         .into_iter()
         .collect()
-}
-
-/// A fresh, empty folder for one test's files.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let name = format!(
-            "sdserve-lora-files-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        let dir = std::env::temp_dir().join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// Writes f32 / f16 tensors as safetensors with the given header metadata.
@@ -183,7 +158,7 @@ fn other_adapter_summary() {
 
 #[test]
 fn save_diffusers_round_trips() {
-    let tmp = TempDir::new();
+    let tmp = TempDir::new("lora-files");
     let probe = load("probe_diffusers.safetensors");
     let modules: Vec<_> = probe
         .modules()
@@ -222,7 +197,7 @@ fn save_diffusers_round_trips() {
 
 #[test]
 fn peft_and_text_encoder_keys() {
-    let tmp = TempDir::new();
+    let tmp = TempDir::new("lora-files");
     let targets = targets();
     let probe = tensors("probe_diffusers.safetensors");
     let peft: Tensors = probe
@@ -319,7 +294,7 @@ fn peft_and_text_encoder_keys() {
 
 /// The error message of loading `tensors` written to a file.
 fn error_of(tensors: &Tensors) -> String {
-    let tmp = TempDir::new();
+    let tmp = TempDir::new("lora-files");
     let path = tmp.0.join("bad.safetensors");
     write(&path, tensors, &[]);
     let err = LoraAdapter::from_file(&path, &targets(), &Device::Cpu).unwrap_err();
@@ -393,7 +368,7 @@ fn invalid_adapters_name_the_offending_keys() {
 
 #[test]
 fn corrupt_files_are_errors() {
-    let tmp = TempDir::new();
+    let tmp = TempDir::new("lora-files");
     let targets = targets();
     let bytes = std::fs::read(lora_path("probe_diffusers.safetensors")).unwrap();
     for (name, bytes) in [
@@ -410,13 +385,13 @@ fn corrupt_files_are_errors() {
         );
     }
     let unet = tmp.0.join("truncated");
-    let te = fixture().join("text_encoder/model.safetensors");
+    let te = common::fixture_dir().join("text_encoder/model.safetensors");
     assert!(LoraTargets::from_files(&unet, &te).is_err());
 }
 
 #[test]
 fn convolution_modules() {
-    let tmp = TempDir::new();
+    let tmp = TempDir::new("lora-files");
     let zeros = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap();
     let proj_in = "lora_unet_down_blocks_0_attentions_0_proj_in";
     let file = Tensors::from([

@@ -35,6 +35,11 @@ impl AdamW {
         Ok(Self { cfg, vars, m, v, t: 0 })
     }
 
+    /// Changes the learning rate of the following steps (for schedules).
+    pub fn set_lr(&mut self, lr: f64) {
+        self.cfg.lr = lr;
+    }
+
     /// One update with `grads` aligned with the variables.
     pub fn step(&mut self, grads: &[Tensor]) -> Result<()> {
         if grads.len() != self.vars.len() {

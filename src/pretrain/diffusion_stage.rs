@@ -2,7 +2,6 @@
 //! latents of the frozen VAE, with 10% of captions dropped so classifier-free guidance works.
 
 use std::path::Path;
-use std::time::Instant;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
@@ -10,7 +9,7 @@ use indicatif::ProgressBar;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::checkpoint::TrainState;
+use super::checkpoint::Checkpointer;
 use super::data::batch;
 use super::params::Params;
 use crate::align::optim::{AdamW, AdamWConfig};
@@ -29,11 +28,23 @@ pub struct DiffusionStage {
     pub steps: usize,
     pub batch: usize,
     pub lr: f64,
+    /// The last steps, over which the learning rate falls linearly to a tenth.
+    pub decay_steps: usize,
     pub caption_dropout: f64,
     pub seed: u64,
 }
 
 const WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
+
+impl DiffusionStage {
+    /// The learning rate of `step`: constant, then a linear fall to `lr / 10` over the last
+    /// `decay_steps`.
+    fn lr_at(&self, step: usize) -> f64 {
+        let start = self.steps.saturating_sub(self.decay_steps);
+        let progress = step.saturating_sub(start) as f64 / self.decay_steps.max(1) as f64;
+        self.lr * (1.0 - 0.9 * progress.min(1.0))
+    }
+}
 
 /// Trains (or resumes) `unet/` and `text_encoder/` of the model folder `dir`.
 pub fn train(dir: &Path, opts: &DiffusionStage, device: &Device, bar: &ProgressBar) -> Result<()> {
@@ -53,22 +64,19 @@ pub fn train(dir: &Path, opts: &DiffusionStage, device: &Device, bar: &ProgressB
     let te_file = dir.join("text_encoder/model.safetensors");
     let unet_file = dir.join("unet").join(WEIGHTS);
     let state_dir = dir.join("unet");
-    let mut state = TrainState::load(&state_dir)?.unwrap_or_default();
-    if state.step > 0 && te_file.is_file() && unet_file.is_file() {
+    let mut run = Checkpointer::open(&state_dir, &[&te_file, &unet_file], opts.steps, bar)?;
+    if run.resuming() {
         text_params.load(&te_file)?;
         unet_params.load(&unet_file)?;
     }
     let vars: Vec<_> = text_params.vars().into_iter().chain(unet_params.vars()).collect();
     let mut opt = AdamW::new(vars, AdamWConfig { lr: opts.lr, weight_decay: 1e-4, ..Default::default() })?;
-    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed ^ (state.step as u64) << 20);
-    let mut noise = NoiseRng::new(opts.seed ^ 0xd1ff ^ state.step as u64);
+    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed ^ (run.step() as u64) << 20);
+    let mut noise = NoiseRng::new(opts.seed ^ 0xd1ff ^ run.step() as u64);
     let scaling = vae_cfg.scaling_factor;
-    bar.set_length(opts.steps as u64);
-    bar.set_position(state.step as u64);
-    let mut last_save = Instant::now();
     let mut ema_loss = None;
-    while state.step < opts.steps {
-        let (images, captions) = batch(opts.seed, (state.step * opts.batch) as u64 + 1_000_000, opts.batch, super::arch::IMAGE_SIZE, device)?;
+    while run.running() {
+        let (images, captions) = batch(opts.seed, (run.step() * opts.batch) as u64 + 1_000_000, opts.batch, super::arch::IMAGE_SIZE, device)?;
         let latents = (vae.encode(&images)?.mean * scaling)?.detach();
         let mut ids = Vec::with_capacity(opts.batch * tokenizer.max_length());
         for c in &captions {
@@ -88,21 +96,29 @@ pub fn train(dir: &Path, opts: &DiffusionStage, device: &Device, bar: &ProgressB
         let t_f: Vec<f64> = ts.iter().map(|&t| t as f64).collect();
         let pred = unet.forward_timesteps(&noisy, &t_f, &context, LoraSet::none())?;
         let loss = (pred - eps)?.sqr()?.mean_all()?;
+        let lr = opts.lr_at(run.step());
+        opt.set_lr(lr);
         opt.minimize(&loss, 1.0)?;
         let l = loss.to_scalar::<f32>()? as f64;
         let smoothed = ema_loss.map_or(l, |e: f64| 0.98 * e + 0.02 * l);
         ema_loss = Some(smoothed);
-        state.step += 1;
-        state.last_loss = smoothed;
-        bar.set_position(state.step as u64);
-        bar.set_message(format!("diffusion loss {smoothed:.4}"));
-        if state.step % 100 == 0 || state.step == opts.steps {
-            state.seconds += last_save.elapsed().as_secs_f64();
-            last_save = Instant::now();
+        run.advance(smoothed, format!("diffusion loss {smoothed:.4}, lr {lr:.1e}"), || {
             text_params.save(&te_file)?;
-            unet_params.save(&unet_file)?;
-            state.save(&state_dir)?;
-        }
+            unet_params.save(&unet_file)
+        })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DiffusionStage;
+
+    #[test]
+    fn learning_rate_is_constant_then_falls_to_a_tenth() {
+        let opts = DiffusionStage { steps: 100, batch: 1, lr: 1.0, decay_steps: 40, caption_dropout: 0.0, seed: 0 };
+        for (step, lr) in [(0, 1.0), (60, 1.0), (80, 0.55), (100, 0.1)] {
+            assert!((opts.lr_at(step) - lr).abs() < 1e-12, "step {step}: {}", opts.lr_at(step));
+        }
+    }
 }

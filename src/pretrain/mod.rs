@@ -34,8 +34,11 @@ pub struct PretrainArgs {
     /// Side of the random crops the VAE trains on.
     #[arg(long, default_value_t = 32)]
     pub vae_crop: usize,
-    #[arg(long, default_value_t = 4200)]
+    #[arg(long, default_value_t = 9000)]
     pub unet_steps: usize,
+    /// The last UNet steps, over which the learning rate falls linearly to a tenth.
+    #[arg(long, default_value_t = 2500)]
+    pub unet_decay_steps: usize,
     #[arg(long, default_value_t = 16)]
     pub unet_batch: usize,
     #[arg(long, default_value_t = 1e-3)]
@@ -51,7 +54,8 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     std::fs::write(path, serde_json::to_string_pretty(value)?).with_context(|| format!("cannot write {}", path.display()))
 }
 
-fn bar(prefix: &'static str) -> ProgressBar {
+/// A progress bar for a training stage named `prefix`.
+pub(crate) fn progress_bar(prefix: &'static str) -> ProgressBar {
     ProgressBar::new(0).with_prefix(prefix).with_style(
         ProgressStyle::with_template("{prefix:>5} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
             .expect("valid template"),
@@ -74,7 +78,7 @@ pub fn run(args: &PretrainArgs) -> Result<()> {
     }
 
     let vae_opts = vae_stage::VaeStage { steps: args.vae_steps, batch: args.vae_batch, lr: args.lr, kl_weight: 1e-6, crop: args.vae_crop, seed: args.seed };
-    let b = bar("vae");
+    let b = progress_bar("vae");
     vae_stage::train(&vae_dir, &vae_opts, &device, &b)?;
     b.finish();
 
@@ -93,10 +97,11 @@ pub fn run(args: &PretrainArgs) -> Result<()> {
         steps: args.unet_steps,
         batch: args.unet_batch,
         lr: args.lr,
+        decay_steps: args.unet_decay_steps,
         caption_dropout: 0.1,
         seed: args.seed,
     };
-    let b = bar("unet");
+    let b = progress_bar("unet");
     diffusion_stage::train(out, &opts, &device, &b)?;
     b.finish();
     Ok(())

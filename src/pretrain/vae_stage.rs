@@ -2,7 +2,6 @@
 //! small KL term.
 
 use std::path::Path;
-use std::time::Instant;
 
 use anyhow::Result;
 use candle_core::{DType, Device};
@@ -10,7 +9,7 @@ use indicatif::ProgressBar;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::checkpoint::TrainState;
+use super::checkpoint::Checkpointer;
 use super::data::batch;
 use super::params::Params;
 use crate::align::optim::{AdamW, AdamWConfig};
@@ -36,19 +35,16 @@ pub fn train(dir: &Path, opts: &VaeStage, device: &Device, bar: &ProgressBar) ->
     let params = Params::new(opts.seed);
     let vae = AutoencoderKL::new(params.var_builder(DType::F32, device), &cfg)?;
     let weights = dir.join("diffusion_pytorch_model.safetensors");
-    let mut state = TrainState::load(dir)?.unwrap_or_default();
-    if state.step > 0 && weights.is_file() {
+    let mut run = Checkpointer::open(dir, &[&weights], opts.steps, bar)?;
+    if run.resuming() {
         params.load(&weights)?;
     }
     let mut opt = AdamW::new(params.vars(), AdamWConfig { lr: opts.lr, weight_decay: 0.0, ..Default::default() })?;
-    let mut noise = NoiseRng::new(opts.seed ^ 0x5eed ^ state.step as u64);
-    let mut crops = ChaCha8Rng::seed_from_u64(opts.seed ^ state.step as u64);
-    bar.set_length(opts.steps as u64);
-    bar.set_position(state.step as u64);
+    let mut noise = NoiseRng::new(opts.seed ^ 0x5eed ^ run.step() as u64);
+    let mut crops = ChaCha8Rng::seed_from_u64(opts.seed ^ run.step() as u64);
     let size = super::arch::IMAGE_SIZE;
-    let mut last_save = Instant::now();
-    while state.step < opts.steps {
-        let (x, _) = batch(opts.seed, (state.step * opts.batch) as u64, opts.batch, size, device)?;
+    while run.running() {
+        let (x, _) = batch(opts.seed, (run.step() * opts.batch) as u64, opts.batch, size, device)?;
         let crop = opts.crop.min(size);
         let (dy, dx) = (crops.random_range(0..=size - crop), crops.random_range(0..=size - crop));
         let x = x.narrow(2, dy, crop)?.narrow(3, dx, crop)?.contiguous()?;
@@ -61,16 +57,8 @@ pub fn train(dir: &Path, opts: &VaeStage, device: &Device, bar: &ProgressBar) ->
         let kl = ((kl - 1.0)? * 0.5)?.mean_all()?;
         let loss = (rec + (kl * opts.kl_weight)?)?;
         opt.minimize(&loss, 1.0)?;
-        state.step += 1;
-        state.last_loss = loss.to_scalar::<f32>()? as f64;
-        bar.set_position(state.step as u64);
-        bar.set_message(format!("vae loss {:.4}", state.last_loss));
-        if state.step % 100 == 0 || state.step == opts.steps {
-            state.seconds += last_save.elapsed().as_secs_f64();
-            last_save = Instant::now();
-            params.save(&weights)?;
-            state.save(dir)?;
-        }
+        let loss = loss.to_scalar::<f32>()? as f64;
+        run.advance(loss, format!("vae loss {loss:.4}"), || params.save(&weights))?;
     }
     Ok(())
 }

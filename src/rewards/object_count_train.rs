@@ -3,20 +3,18 @@
 //! small diffusion model's samples look like) and measures it on clean held-out renders.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use image::imageops::{self, FilterType};
 use image::RgbImage;
-use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 
 use super::object_count::{ObjectCountConfig, ObjectCounter};
 use crate::align::optim::{AdamW, AdamWConfig};
-use crate::pretrain::checkpoint::TrainState;
+use crate::pretrain::checkpoint::Checkpointer;
 use crate::dataset::{sample, Scene, Split};
 use crate::pretrain::Params;
 
@@ -132,22 +130,16 @@ pub fn run(args: &TrainCounterArgs) -> Result<()> {
     let params = Params::new(args.seed);
     let counter = ObjectCounter::new(params.var_builder(DType::F32, &device), &cfg)?;
     let weights = out.join("model.safetensors");
-    let mut state = TrainState::load(out)?.unwrap_or_default();
-    if state.step > 0 && weights.is_file() {
+    let bar = crate::pretrain::progress_bar("count");
+    let mut run = Checkpointer::open(out, &[&weights], args.steps, &bar)?;
+    if run.resuming() {
         params.load(&weights)?;
-    } else {
-        state = TrainState::default();
     }
     let mut opt = AdamW::new(params.vars(), AdamWConfig { lr: args.lr, weight_decay: 1e-4, ..Default::default() })?;
     let classes = Tensor::arange(0u32, cfg.max_count as u32 + 1, &device)?.to_dtype(DType::F32)?.unsqueeze(0)?;
 
-    let bar = ProgressBar::new(args.steps as u64).with_style(
-        ProgressStyle::with_template("count {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").expect("valid template"),
-    );
-    bar.set_position(state.step as u64);
-    let mut last_save = Instant::now();
-    while state.step < args.steps {
-        let (images, labels) = train_batch(args, state.step, cfg.image_size, &device)?;
+    while run.running() {
+        let (images, labels) = train_batch(args, run.step(), cfg.image_size, &device)?;
         let target = Tensor::new(labels.as_slice(), &device)?;
         let logits = counter.forward(&images)?;
         // Cross-entropy for a sharp distribution, plus L1 on its expectation (what the
@@ -157,18 +149,11 @@ pub fn run(args: &TrainCounterArgs) -> Result<()> {
         let l1 = (expected - target.to_dtype(DType::F32)?)?.abs()?.mean_all()?;
         let loss = (ce + l1)?;
         opt.minimize(&loss, 1.0)?;
-        state.step += 1;
-        state.last_loss = loss.to_scalar::<f32>()? as f64;
-        bar.set_position(state.step as u64);
-        bar.set_message(format!("loss {:.4}", state.last_loss));
-        if state.step % 100 == 0 || state.step == args.steps {
-            state.seconds += last_save.elapsed().as_secs_f64();
-            last_save = Instant::now();
-            params.save(&weights)?;
-            state.save(out)?;
-        }
+        let loss = loss.to_scalar::<f32>()? as f64;
+        run.advance(loss, format!("loss {loss:.4}"), || params.save(&weights))?;
     }
     bar.finish();
+    let mut state = run.state;
     let accuracy = held_out_accuracy(&counter, EVAL_SEED, args.eval_samples)?;
     state.held_out_accuracy = Some(accuracy);
     state.save(out)?;

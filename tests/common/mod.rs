@@ -1,14 +1,35 @@
-//! Helpers shared by the integration tests: fixture paths and tensor comparisons.
+//! Helpers shared by the integration tests: fixture paths, scratch folders and tensor
+//! comparisons.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{Device, Tensor};
 
 /// The tiny diffusers-made SD 1.x pipeline copied from the shared fixtures.
 pub fn fixture_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd1")
+}
+
+/// A fresh, empty folder under the system temp dir, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let name = format!("sdserve-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+        let dir = std::env::temp_dir().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// The reference tensors of `reference/components.safetensors`.

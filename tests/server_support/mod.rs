@@ -13,9 +13,9 @@ use serde_json::{json, Value};
 
 pub const FIXTURE_ADAPTERS: [&str; 3] = ["probe_diffusers", "probe_kohya", "other_diffusers"];
 
-pub fn fixture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd1")
-}
+#[path = "../common/mod.rs"]
+mod common;
+pub use common::fixture_dir;
 
 pub fn fixture_lora(name: &str) -> PathBuf {
     fixture_dir()
