@@ -1,5 +1,6 @@
 //! The procedural dataset is deterministic, its captions describe its scenes and its held-out
-//! captions never appear in training; the analytic evaluator reads clean and degraded renders.
+//! captions never appear in training; the analytic evaluator reads clean and degraded renders,
+//! and `sdserve evaluate` reports per image and in total.
 
 use image::{Rgb, RgbImage};
 use sdserve::dataset::{groups, parse_caption, sample, scene, split_of, total_count, Split};
@@ -95,4 +96,28 @@ fn evaluator_rejects_blank_and_unparsable() {
     assert!(score(&a, "a photo of a cat").is_none());
     let m = score(&a, "one red circle").unwrap();
     assert!(!m.count_exact && !m.dominant_color_ok && !m.exact);
+}
+
+#[test]
+fn evaluate_command_prints_details_and_accuracy() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sdserve"))
+        .args(["evaluate", "--images", "2", "--steps", "2", "--details"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8(out.stdout).unwrap().lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    // Two per-image lines (prompt, seed, objects found, match), then the totals.
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    for (i, line) in lines[..2].iter().enumerate() {
+        assert!(parse_caption(line["prompt"].as_str().unwrap()).is_some(), "{line}");
+        assert_eq!(line["seed"], 1_000_000 + i as u64);
+        assert!(line["found"].is_array() && line["match"]["count_exact"].is_boolean(), "{line}");
+    }
+    assert_eq!(lines[2]["images"], 2);
+
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_sdserve")).args(["evaluate", "--images", "0"]).output().unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--images"));
 }

@@ -42,6 +42,10 @@ fn pretrain_writes_a_loadable_model_and_resumes() {
     let scale = json(&out.join("vae/config.json"))["scaling_factor"].as_f64().unwrap();
     assert!(scale.is_finite() && scale > 0.0 && scale != 1.0, "scaling_factor {scale}");
 
+    // transformers' `CLIPTextModel` keys only, as in SD's text encoder.
+    let text = candle_core::safetensors::load(out.join("text_encoder/model.safetensors"), &Device::Cpu).unwrap();
+    assert!(text.keys().all(|k| k.starts_with("text_model.")), "{:?}", text.keys().collect::<Vec<_>>());
+
     let vae_file = out.join("vae/diffusion_pytorch_model.safetensors");
     let unet_file = out.join("unet/diffusion_pytorch_model.safetensors");
     let (vae_before, unet_before) = (std::fs::read(&vae_file).unwrap(), std::fs::read(&unet_file).unwrap());

@@ -42,6 +42,9 @@ pub struct EvaluateArgs {
     /// Save the images as a PNG grid (8 per row).
     #[arg(long)]
     pub grid: Option<PathBuf>,
+    /// Also print, per image, its prompt, seed, the objects found and how they match (JSON lines).
+    #[arg(long)]
+    pub details: bool,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -98,7 +101,12 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
             latents: None,
         };
         let img = to_rgb(&sd.generate(&params, &lora, &mut |_, _| Ok(()))?)?;
-        let m = score(&analyze(&img), prompt).with_context(|| format!("{prompt:?} is not a shapes caption"))?;
+        let analysis = analyze(&img);
+        let m = score(&analysis, prompt).with_context(|| format!("{prompt:?} is not a shapes caption"))?;
+        if args.details {
+            let found: Vec<String> = analysis.objects.iter().map(|o| format!("{} {}", o.color.as_str(), o.shape.as_str())).collect();
+            bar.suspend(|| println!("{}", serde_json::json!({"prompt": prompt, "seed": seed, "found": found, "match": m})));
+        }
         accuracy.add(m);
         images.push(img);
         bar.inc(1);

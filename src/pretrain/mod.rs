@@ -34,10 +34,10 @@ pub struct PretrainArgs {
     /// Side of the random crops the VAE trains on.
     #[arg(long, default_value_t = 32)]
     pub vae_crop: usize,
-    #[arg(long, default_value_t = 9000)]
+    #[arg(long, default_value_t = 10500)]
     pub unet_steps: usize,
     /// The last UNet steps, over which the learning rate falls linearly to a tenth.
-    #[arg(long, default_value_t = 2500)]
+    #[arg(long, default_value_t = 3000)]
     pub unet_decay_steps: usize,
     #[arg(long, default_value_t = 16)]
     pub unet_batch: usize,

@@ -113,7 +113,10 @@ impl SimpleBackend for Params {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        // New models use the current diffusers names (e.g. `to_q`, not the legacy `query`).
-        !["query.weight", "key.weight", "value.weight", "proj_attn.weight"].iter().any(|l| name.ends_with(l))
+        // New models use the current diffusers names (e.g. `to_q`, not the legacy `query`) and
+        // no optional extras (SD's `CLIPTextModel` has no `text_projection`).
+        !["query.weight", "key.weight", "value.weight", "proj_attn.weight", "text_projection.weight"]
+            .iter()
+            .any(|l| name.ends_with(l))
     }
 }
