@@ -11,11 +11,13 @@ images=${IMAGES:-64}
 mkdir -p docs/images adapters
 [ -x "$bin" ] || cargo build --release --bin sdserve
 
-echo "== before"
+echo "== before (DDIM 20 steps; then 10, the sampler the run trains through)"
 "$bin" evaluate --images "$images" --grid docs/images/align-before.png
+"$bin" evaluate --images "$images" --steps 10
 echo "== align (object_count, $steps steps)"
 time "$bin" align --name counts --adapters-dir adapters --overwrite --prompt-set shapes \
-  --reward object_count --steps "$steps" --batch-size 2 --learning-rate 2e-3 \
+  --reward object_count --steps "$steps" --batch-size 2 --learning-rate 5e-4 \
   --sampler-steps 10 --k 10 --guidance-scale 7.5 --seed 3
-echo "== after"
+echo "== after (DDIM 20 steps, then 10)"
 "$bin" evaluate --images "$images" --lora adapters/counts.safetensors --grid docs/images/align-after.png
+"$bin" evaluate --images "$images" --steps 10 --lora adapters/counts.safetensors
