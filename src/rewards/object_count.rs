@@ -91,7 +91,12 @@ impl ObjectCounter {
 
     /// `[B]` expected count under the predicted distribution at softmax `temperature`.
     pub fn expected_count(&self, images: &Tensor, temperature: f64) -> Result<Tensor> {
-        let probs = candle_nn::ops::softmax(&(self.forward(images)? / temperature)?, 1)?;
+        self.expected_from_logits(&self.forward(images)?, temperature)
+    }
+
+    /// [`Self::expected_count`] from logits already computed by [`Self::forward`].
+    pub fn expected_from_logits(&self, logits: &Tensor, temperature: f64) -> Result<Tensor> {
+        let probs = candle_nn::ops::softmax(&(logits / temperature)?, 1)?;
         let counts = Tensor::arange(0u32, self.cfg.max_count as u32 + 1, probs.device())?.to_dtype(probs.dtype())?;
         probs.broadcast_mul(&counts.unsqueeze(0)?)?.sum(1)
     }

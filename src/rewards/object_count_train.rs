@@ -136,7 +136,6 @@ pub fn run(args: &TrainCounterArgs) -> Result<()> {
         params.load(&weights)?;
     }
     let mut opt = AdamW::new(params.vars(), AdamWConfig { lr: args.lr, weight_decay: 1e-4, ..Default::default() })?;
-    let classes = Tensor::arange(0u32, cfg.max_count as u32 + 1, &device)?.to_dtype(DType::F32)?.unsqueeze(0)?;
 
     while run.running() {
         let (images, labels) = train_batch(args, run.step(), cfg.image_size, &device)?;
@@ -145,7 +144,7 @@ pub fn run(args: &TrainCounterArgs) -> Result<()> {
         // Cross-entropy for a sharp distribution, plus L1 on its expectation (what the
         // reward uses).
         let ce = candle_nn::loss::cross_entropy(&logits, &target)?;
-        let expected = candle_nn::ops::softmax(&logits, 1)?.broadcast_mul(&classes)?.sum(1)?;
+        let expected = counter.expected_from_logits(&logits, 1.0)?;
         let l1 = (expected - target.to_dtype(DType::F32)?)?.abs()?.mean_all()?;
         let loss = (ce + l1)?;
         opt.minimize(&loss, 1.0)?;
