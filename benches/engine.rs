@@ -43,18 +43,7 @@ fn main() -> anyhow::Result<()> {
         sd.unet.forward(&latents, 500.0, &context, LoraSet::none()).unwrap();
     });
 
-    let params = GenerateParams {
-        prompt: "two red circles and a blue square".into(),
-        negative_prompt: String::new(),
-        steps: 20,
-        guidance_scale: 7.5,
-        seed: 1,
-        width: 64,
-        height: 64,
-        scheduler: "ddim".parse()?,
-        eta: 0.0,
-        latents: None,
-    };
+    let params = GenerateParams::new("two red circles and a blue square", 1, 64, 64);
     bench("generation 64x64, 20 DDIM steps, cfg 7.5", 3, || {
         sd.generate(&params, &PipelineLora::default(), &mut |_, _| Ok(())).unwrap();
     });

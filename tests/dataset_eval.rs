@@ -1,6 +1,6 @@
 //! The procedural dataset is deterministic, its captions describe its scenes and its held-out
 //! captions never appear in training; the analytic evaluator reads clean and degraded renders,
-//! and `sdserve evaluate` reports per image and in total.
+//! and `sdserve evaluate` reports per image and in total (with the object counter's count).
 
 use image::{Rgb, RgbImage};
 use sdserve::dataset::{groups, parse_caption, sample, scene, split_of, total_count, Split};
@@ -101,19 +101,22 @@ fn evaluator_rejects_blank_and_unparsable() {
 #[test]
 fn evaluate_command_prints_details_and_accuracy() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_sdserve"))
-        .args(["evaluate", "--images", "2", "--steps", "2", "--details"])
+        .args(["evaluate", "--images", "2", "--steps", "2", "--details", "--counter", "models/rewards/object_count"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let lines: Vec<serde_json::Value> =
-        String::from_utf8(out.stdout).unwrap().lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
-    // Two per-image lines (prompt, seed, objects found, match), then the totals.
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.contains("counter agrees with the evaluator's count on"), "{stdout}");
+    let lines: Vec<serde_json::Value> = stdout.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    // Two per-image lines (prompt, seed, objects found, match, the counter's count), then the
+    // totals.
     assert_eq!(lines.len(), 3, "{lines:?}");
     for (i, line) in lines[..2].iter().enumerate() {
         assert!(parse_caption(line["prompt"].as_str().unwrap()).is_some(), "{line}");
         assert_eq!(line["seed"], 1_000_000 + i as u64);
         assert!(line["found"].is_array() && line["match"]["count_exact"].is_boolean(), "{line}");
+        assert!(line["counter"].as_f64().is_some_and(|n| (0.0..=6.0).contains(&n)), "{line}");
     }
     assert_eq!(lines[2]["images"], 2);
 

@@ -63,18 +63,7 @@ fn manifest_cases_match_diffusers() {
 #[test]
 fn same_seed_same_image_and_lora_leaves_base_untouched() {
     let sd = StableDiffusion::load(&common::fixture_dir(), &Device::Cpu, DType::F32).unwrap();
-    let params = GenerateParams {
-        prompt: "one red circle".into(),
-        negative_prompt: String::new(),
-        steps: 3,
-        guidance_scale: 5.0,
-        seed: 42,
-        width: 32,
-        height: 32,
-        scheduler: "ddim".parse().unwrap(),
-        eta: 0.0,
-        latents: None,
-    };
+    let params = GenerateParams { steps: 3, guidance_scale: 5.0, ..GenerateParams::new("one red circle", 42, 32, 32) };
     let none = PipelineLora::default();
     let run = |lora: &PipelineLora, seed: u64| {
         let p = GenerateParams { seed, ..params.clone() };

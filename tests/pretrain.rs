@@ -9,7 +9,6 @@ use candle_core::{DType, Device};
 use common::TempDir;
 use sdserve::engine::image::to_rgb;
 use sdserve::engine::pipeline::{GenerateParams, StableDiffusion};
-use sdserve::engine::scheduler::SchedulerKind;
 use sdserve::lora::PipelineLora;
 use sdserve::pretrain::{self, PretrainArgs};
 use serde_json::Value;
@@ -56,18 +55,7 @@ fn pretrain_writes_a_loadable_model_and_resumes() {
     assert_ne!(std::fs::read(&unet_file).unwrap(), unet_before, "the resumed stage must train on");
 
     let sd = StableDiffusion::load(&out, &Device::Cpu, DType::F32).unwrap();
-    let params = GenerateParams {
-        prompt: "two red circles and one blue square".into(),
-        negative_prompt: String::new(),
-        steps: 2,
-        guidance_scale: 7.5,
-        seed: 1,
-        width: 64,
-        height: 64,
-        scheduler: SchedulerKind::Ddim,
-        eta: 0.0,
-        latents: None,
-    };
+    let params = GenerateParams { steps: 2, ..GenerateParams::new("two red circles and one blue square", 1, 64, 64) };
     let img = to_rgb(&sd.generate(&params, &PipelineLora::default(), &mut |_, _| Ok(())).unwrap()).unwrap();
     assert_eq!(img.dimensions(), (64, 64));
 }

@@ -1,6 +1,9 @@
 //! The shapes-data rewards: `object_count` (the committed CNN counts held-out renders, prefers
-//! the right count, exact f64 gradients) and `prompt_match` (prefers the named colours,
-//! exact f64 gradients), and their errors.
+//! the right count, exact f64 gradients; `train-counter` learns from a model's samples and
+//! resumes) and `prompt_match` (prefers the named colours, exact f64 gradients), and their
+//! errors.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 
@@ -9,7 +12,7 @@ use sdserve::dataset::{Color, Scene, Split};
 use sdserve::engine::noise::NoiseRng;
 use sdserve::pretrain::Params;
 use sdserve::rewards::object_count::{ObjectCount, ObjectCountConfig, ObjectCounter};
-use sdserve::rewards::object_count_train::{held_out_accuracy, renders};
+use sdserve::rewards::object_count_train::{self, held_out_accuracy, renders, TrainCounterArgs};
 use sdserve::rewards::prompt_match::PromptMatch;
 use sdserve::rewards::registry::{build, RewardModels, RewardSpec};
 use sdserve::rewards::Reward;
@@ -86,6 +89,36 @@ fn object_count_gradient_matches_finite_differences_f64() {
     let x = NoiseRng::new(1).uniform((2, 3, 128, 128), DType::F64, &Device::Cpu).unwrap();
     // The untrained CNN's gradient is tiny, so a larger step keeps rounding noise below it.
     check_gradient(&reward, &x, &["two red circles".into(), "one blue square and three green triangles".into()], 1e-4);
+}
+
+#[test]
+fn train_counter_learns_from_model_samples_and_resumes() {
+    let tmp = common::TempDir::new("counter");
+    let mut args = TrainCounterArgs {
+        out: tmp.0.join("object_count"),
+        steps: 2,
+        batch: 4,
+        lr: 2e-3,
+        seed: 0,
+        eval_samples: 8,
+        model: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join(sdserve::DEFAULT_MODEL_DIR)),
+        model_samples: 3,
+        model_eval_samples: 4,
+        sample_steps: vec![2],
+        sample_guidance: 7.5,
+        label_smoothing: 0.1,
+    };
+    let state = object_count_train::run(&args).unwrap();
+    assert_eq!(state.step, 2);
+    assert!(state.held_out_accuracy.is_some_and(|a| (0.0..=1.0).contains(&a)), "{state:?}");
+    assert!(state.model_agreement.is_some_and(|a| (0.0..=1.0).contains(&a)), "{state:?}");
+    let reward = ObjectCount::load(&args.out, &Device::Cpu).unwrap();
+    assert_eq!(reward.counter().config(), &ObjectCountConfig::default());
+    let first = std::fs::read(args.out.join("model.safetensors")).unwrap();
+
+    args.steps = 3;
+    assert_eq!(object_count_train::run(&args).unwrap().step, 3);
+    assert_ne!(std::fs::read(args.out.join("model.safetensors")).unwrap(), first, "the resumed run must train on");
 }
 
 #[test]

@@ -5,16 +5,18 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
+use candle_core::Device;
 use image::RgbImage;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::{DeviceArgs, LoraArg};
 use crate::dataset::{sample, Split};
-use crate::engine::image::to_rgb;
+use crate::engine::image::{from_rgb, to_rgb};
 use crate::engine::pipeline::{GenerateParams, StableDiffusion};
 use crate::engine::scheduler::SchedulerKind;
 use crate::eval::{analyze, score, Accuracy};
 use crate::lora::{LoraAdapter, PipelineLora};
+use crate::rewards::object_count::ObjectCount;
 
 #[derive(clap::Args, Debug)]
 pub struct EvaluateArgs {
@@ -45,6 +47,10 @@ pub struct EvaluateArgs {
     /// Also print, per image, its prompt, seed, the objects found and how they match (JSON lines).
     #[arg(long)]
     pub details: bool,
+    /// An object counter folder (as the object_count reward uses): also report how often its
+    /// rounded count equals the evaluator's, and its count per image in --details.
+    #[arg(long)]
+    pub counter: Option<PathBuf>,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -72,6 +78,12 @@ fn grid(images: &[RgbImage], columns: usize) -> RgbImage {
     out
 }
 
+/// The counter's expected count (temperature 1) for one image.
+fn counter_count(counter: &ObjectCount, img: &RgbImage, device: &Device) -> Result<f64> {
+    let x = from_rgb(img, device)?;
+    Ok(counter.counter().expected_count(&x, 1.0)?.to_vec1::<f32>()?[0] as f64)
+}
+
 pub fn run(args: EvaluateArgs) -> Result<()> {
     if args.images == 0 {
         bail!("--images must be at least 1");
@@ -82,30 +94,32 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     for l in &args.loras {
         LoraAdapter::from_file(&l.path, &sd.lora_targets, &device)?.add_to(l.weight, &mut lora);
     }
+    let counter = args.counter.as_deref().map(|dir| ObjectCount::load(dir, &device)).transpose()?;
+    let mut counter_agrees = 0;
     let cases = args.cases();
     let bar = ProgressBar::new(cases.len() as u64)
         .with_style(ProgressStyle::with_template("{bar:40} {pos}/{len} images [{elapsed_precise}<{eta_precise}]").expect("valid template"));
     let mut accuracy = Accuracy::default();
     let mut images = Vec::new();
     for (prompt, seed) in &cases {
+        let size = crate::pretrain::IMAGE_SIZE;
         let params = GenerateParams {
-            prompt: prompt.clone(),
-            negative_prompt: String::new(),
             steps: args.steps,
             guidance_scale: args.guidance,
-            seed: *seed,
-            width: crate::pretrain::IMAGE_SIZE,
-            height: crate::pretrain::IMAGE_SIZE,
             scheduler: args.scheduler,
-            eta: 0.0,
-            latents: None,
+            ..GenerateParams::new(prompt.clone(), *seed, size, size)
         };
         let img = to_rgb(&sd.generate(&params, &lora, &mut |_, _| Ok(()))?)?;
         let analysis = analyze(&img);
         let m = score(&analysis, prompt).with_context(|| format!("{prompt:?} is not a shapes caption"))?;
+        let counted = match &counter {
+            Some(c) => Some(counter_count(c, &img, &device)?),
+            None => None,
+        };
+        counter_agrees += counted.is_some_and(|n| n.round() == analysis.count() as f64) as usize;
         if args.details {
             let found: Vec<String> = analysis.objects.iter().map(|o| format!("{} {}", o.color.as_str(), o.shape.as_str())).collect();
-            bar.suspend(|| println!("{}", serde_json::json!({"prompt": prompt, "seed": seed, "found": found, "match": m})));
+            bar.suspend(|| println!("{}", serde_json::json!({"prompt": prompt, "seed": seed, "found": found, "match": m, "counter": counted})));
         }
         accuracy.add(m);
         images.push(img);
@@ -116,6 +130,9 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
         grid(&images, 8).save(path).with_context(|| format!("cannot write {}", path.display()))?;
     }
     println!("{accuracy}");
+    if counter.is_some() {
+        println!("counter agrees with the evaluator's count on {counter_agrees}/{} images", cases.len());
+    }
     println!("{}", serde_json::to_string(&accuracy)?);
     Ok(())
 }

@@ -44,7 +44,7 @@ impl Cli {
             Command::Align(args) => align::run(args),
             Command::Evaluate(args) => evaluate::run(args),
             Command::Pretrain(args) => crate::pretrain::run(&args),
-            Command::TrainCounter(args) => crate::rewards::object_count_train::run(&args),
+            Command::TrainCounter(args) => crate::rewards::object_count_train::run(&args).map(drop),
             Command::Serve(config) => serve::run(config),
             Command::Openapi => serve::print_openapi(),
         }

@@ -126,6 +126,12 @@ impl Scene {
     /// the canvas.
     pub fn random(rng: &mut impl Rng) -> Self {
         let n = rng.random_range(1..=4);
+        Self::with_count(rng, n)
+    }
+
+    /// A random scene of `n` shapes, placed as in [`Self::random`] (which draws `n` in 1–4;
+    /// up to 6 fit the canvas easily).
+    pub fn with_count(rng: &mut impl Rng, n: usize) -> Self {
         let background = BACKGROUNDS[rng.random_range(0..BACKGROUNDS.len())];
         let mut shapes: Vec<Placed> = Vec::with_capacity(n);
         let mut tries = 0;

@@ -1,4 +1,4 @@
-//! Converting decoded tensors to images and encoding them as PNG, JPEG or WebP.
+//! Converting between decoded tensors and images, and encoding images as PNG, JPEG or WebP.
 
 use std::io::Cursor;
 
@@ -61,6 +61,17 @@ pub fn to_rgb(image: &Tensor) -> Result<RgbImage> {
         .to_vec1::<f32>()?;
     let bytes = pixels.into_iter().map(|v| v as u8).collect();
     RgbImage::from_raw(w as u32, h as u32, bytes).ok_or_else(|| anyhow::anyhow!("image buffer size mismatch"))
+}
+
+/// Channel-major `[0, 1]` values of an image (the inverse of [`to_rgb`] up to rounding).
+pub fn rgb_planes(img: &RgbImage) -> Vec<f32> {
+    (0..3).flat_map(|c| img.pixels().map(move |p| p.0[c] as f32 / 255.0)).collect()
+}
+
+/// An image as a `[1, 3, H, W]` f32 tensor in `[0, 1]`.
+pub fn from_rgb(img: &RgbImage, device: &candle_core::Device) -> Result<Tensor> {
+    let (w, h) = img.dimensions();
+    Ok(Tensor::from_vec(rgb_planes(img), (1, 3, h as usize, w as usize), device)?)
 }
 
 /// Encodes an image; `quality` (0–100) applies to JPEG only (WebP is lossless here).

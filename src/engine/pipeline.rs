@@ -33,6 +33,25 @@ pub struct GenerateParams {
     pub latents: Option<Tensor>,
 }
 
+impl GenerateParams {
+    /// `prompt` at `seed` and `width`×`height`: no negative prompt, 20 deterministic DDIM
+    /// steps, guidance 7.5, seeded noise.
+    pub fn new(prompt: impl Into<String>, seed: u64, width: usize, height: usize) -> Self {
+        Self {
+            prompt: prompt.into(),
+            negative_prompt: String::new(),
+            steps: 20,
+            guidance_scale: 7.5,
+            seed,
+            width,
+            height,
+            scheduler: SchedulerKind::Ddim,
+            eta: 0.0,
+            latents: None,
+        }
+    }
+}
+
 /// A loaded diffusers-layout Stable Diffusion model.
 pub struct StableDiffusion {
     pub dir: PathBuf,

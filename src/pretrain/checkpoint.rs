@@ -17,6 +17,10 @@ pub struct TrainState {
     /// The final held-out measurement, for stages that make one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held_out_accuracy: Option<f64>,
+    /// For the object counter trained on a model's samples: its agreement with the analytic
+    /// evaluator on held-out samples of that model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_agreement: Option<f64>,
 }
 
 impl TrainState {

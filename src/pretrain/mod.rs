@@ -2,7 +2,7 @@
 //! tokenizer → VAE → text encoder + UNet, saved as a diffusers-layout folder.
 
 mod arch;
-pub(crate) mod checkpoint;
+pub mod checkpoint;
 mod data;
 mod diffusion_stage;
 mod params;

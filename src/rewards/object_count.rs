@@ -24,9 +24,9 @@ pub struct ObjectCountConfig {
     pub hidden: usize,
     /// Largest count the head predicts.
     pub max_count: usize,
-    /// Softmax temperature of the reward's expected count. The trained counter's logits are
-    /// 10–40 apart, which saturates the softmax and leaves the reward almost no gradient;
-    /// dividing them by ~10 keeps it informative. Accuracy is measured at 1.
+    /// Softmax temperature of the reward's expected count (accuracy is measured at 1). A
+    /// counter whose logits are far apart saturates the softmax and leaves the reward almost
+    /// no gradient; `train-counter`'s label smoothing keeps them a few units apart, so 1 works.
     #[serde(default = "one")]
     pub reward_temperature: f64,
 }
@@ -37,7 +37,7 @@ fn one() -> f64 {
 
 impl Default for ObjectCountConfig {
     fn default() -> Self {
-        Self { image_size: 64, channels: vec![16, 32, 32, 32], hidden: 64, max_count: 4, reward_temperature: 1.0 }
+        Self { image_size: 64, channels: vec![16, 32, 32, 32], hidden: 64, max_count: 6, reward_temperature: 1.0 }
     }
 }
 
