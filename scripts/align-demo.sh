@@ -16,7 +16,7 @@ echo "== before (DDIM 20 steps; then 10, the sampler the run trains through)"
 "$bin" evaluate --images "$images" --steps 10
 echo "== align (object_count, $steps steps)"
 time "$bin" align --name counts --adapters-dir adapters --overwrite --prompt-set shapes \
-  --reward object_count --steps "$steps" --batch-size 2 --learning-rate 5e-4 \
+  --reward object_count --steps "$steps" --batch-size 2 --learning-rate 1e-3 \
   --sampler-steps 10 --k 10 --guidance-scale 7.5 --seed 3
 echo "== after (DDIM 20 steps, then 10)"
 "$bin" evaluate --images "$images" --lora adapters/counts.safetensors --grid docs/images/align-after.png
