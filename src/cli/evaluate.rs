@@ -101,8 +101,8 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
         .with_style(ProgressStyle::with_template("{bar:40} {pos}/{len} images [{elapsed_precise}<{eta_precise}]").expect("valid template"));
     let mut accuracy = Accuracy::default();
     let mut images = Vec::new();
+    let size = crate::pretrain::IMAGE_SIZE;
     for (prompt, seed) in &cases {
-        let size = crate::pretrain::IMAGE_SIZE;
         let params = GenerateParams {
             steps: args.steps,
             guidance_scale: args.guidance,

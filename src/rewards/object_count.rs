@@ -26,7 +26,8 @@ pub struct ObjectCountConfig {
     pub max_count: usize,
     /// Softmax temperature of the reward's expected count (accuracy is measured at 1). A
     /// counter whose logits are far apart saturates the softmax and leaves the reward almost
-    /// no gradient; `train-counter`'s label smoothing keeps them a few units apart, so 1 works.
+    /// no gradient; `train-counter`'s label smoothing keeps them a few units apart, and ~2
+    /// (the committed counter's setting) lets confidently wrong counts pass more of it.
     #[serde(default = "one")]
     pub reward_temperature: f64,
 }
