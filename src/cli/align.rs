@@ -51,8 +51,8 @@ pub struct AlignArgs {
     #[arg(long, default_value_t = 1, conflicts_with = "k_random")]
     pub k: usize,
     /// Draw K per trajectory from MIN..=MAX instead, e.g. `1,3`.
-    #[arg(long, value_delimiter = ',', num_args = 2)]
-    pub k_random: Option<Vec<usize>>,
+    #[arg(long, value_name = "MIN,MAX", value_parser = k_range)]
+    pub k_random: Option<[usize; 2]>,
     #[arg(long, default_value_t = 10)]
     pub sampler_steps: usize,
     #[arg(long, default_value_t = 7.5)]
@@ -75,6 +75,12 @@ pub struct AlignArgs {
     pub device: DeviceArgs,
 }
 
+/// Parses `MIN,MAX`.
+fn k_range(arg: &str) -> Result<[usize; 2], String> {
+    let parsed = arg.split_once(',').and_then(|(min, max)| Some([min.trim().parse().ok()?, max.trim().parse().ok()?]));
+    parsed.ok_or_else(|| format!("{arg:?} is not MIN,MAX (two whole numbers)"))
+}
+
 fn reward_spec(arg: &str) -> Result<RewardSpec> {
     let (name, weight) = match arg.rsplit_once(':') {
         Some((n, w)) => (n, w.parse::<f64>().map_err(|_| anyhow!("--reward {arg:?}: weight must be a number"))?),
@@ -86,8 +92,8 @@ fn reward_spec(arg: &str) -> Result<RewardSpec> {
 impl AlignArgs {
     /// The same request the HTTP API takes.
     fn request(&self, seed: u64) -> Result<AlignRequest> {
-        let truncation = match &self.k_random {
-            Some(r) => TruncationRequest::Random { random: [r[0], r[1]] },
+        let truncation = match self.k_random {
+            Some(random) => TruncationRequest::Random { random },
             None => TruncationRequest::Fixed { k: self.k },
         };
         Ok(AlignRequest {
@@ -158,4 +164,33 @@ pub fn run(args: AlignArgs) -> Result<()> {
     std::fs::write(&sidecar, serde_json::to_vec_pretty(&meta)?).with_context(|| format!("cannot write {}", sidecar.display()))?;
     eprintln!("wrote {}", out.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        align: AlignArgs,
+    }
+
+    fn parse(extra: &[&str]) -> Result<AlignArgs, clap::Error> {
+        let args = ["sdserve", "--name", "x", "--reward", "brightness"].iter().chain(extra);
+        Cli::try_parse_from(args).map(|c| c.align)
+    }
+
+    #[test]
+    fn k_random_takes_min_comma_max() {
+        let args = parse(&["--k-random", "1,3"]).unwrap();
+        assert_eq!(args.request(0).unwrap().truncation, TruncationRequest::Random { random: [1, 3] });
+        assert_eq!(parse(&[]).unwrap().request(0).unwrap().truncation, TruncationRequest::Fixed { k: 1 });
+        for bad in ["1", "1,x", ""] {
+            assert!(parse(&["--k-random", bad]).is_err(), "{bad:?} was accepted");
+        }
+        assert!(parse(&["--k-random", "1,3", "--k", "2"]).is_err());
+    }
 }
