@@ -112,7 +112,7 @@ impl StableDiffusion {
     /// Checks an image size and returns the latent shape `[1, C, h, w]`.
     pub fn latent_shape(&self, width: usize, height: usize) -> Result<(usize, usize, usize, usize)> {
         let f = self.vae_scale();
-        if width == 0 || height == 0 || width % f != 0 || height % f != 0 {
+        if width == 0 || height == 0 || !width.is_multiple_of(f) || !height.is_multiple_of(f) {
             bail!("width and height must be positive multiples of {f}, got {width}x{height}");
         }
         Ok((1, self.unet.config().in_channels, height / f, width / f))
@@ -129,7 +129,7 @@ impl StableDiffusion {
             ids.extend(self.tokenizer.encode(t)?);
         }
         let ids = Tensor::from_vec(ids, (texts.len(), self.tokenizer.max_length()), &self.device)?;
-        Ok(self.text_encoder.forward(&ids, lora)?)
+        self.text_encoder.forward(&ids, lora)
     }
 
     /// Latents → images `[B, 3, H, W]` in `[0, 1]`.

@@ -88,7 +88,7 @@ impl<'a> Checkpointer<'a> {
         self.state.step += 1;
         self.state.last_loss = loss;
         self.bar.set_position(self.state.step as u64);
-        if self.state.step % SAVE_EVERY == 0 || self.state.step == self.total {
+        if self.state.step.is_multiple_of(SAVE_EVERY) || self.state.step == self.total {
             self.state.seconds += self.last_save.elapsed().as_secs_f64();
             self.last_save = Instant::now();
             save()?;
