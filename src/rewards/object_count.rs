@@ -116,9 +116,13 @@ pub fn prompt_count(prompt: &str) -> Result<usize> {
     }
 }
 
-/// Rewards images whose predicted object count matches the prompt: minus the pseudo-Huber
-/// distance `sqrt(d² + δ²) − δ` (δ = 0.1) between the expected and the named count, i.e.
-/// ≈ −|d| away from 0 but smooth at it.
+/// Rewards images whose predicted object count matches the prompt. An image the counter
+/// already counts right (its expected count at temperature 1 rounds to the named count) scores
+/// 0 and adds no gradient; a miscounted one scores minus the pseudo-Huber distance
+/// `sqrt(d² + δ²) − δ` (δ = 0.1) between the expected count at the reward temperature and the
+/// named count, ≈ −|d|. Without that dead zone the correctly counted half of a batch, nudged
+/// toward the middle of the count range by the temperature, would fill AdamW's steps with
+/// directions that change nothing an evaluator would see.
 pub struct ObjectCount {
     counter: ObjectCounter,
 }
@@ -160,8 +164,11 @@ impl Reward for ObjectCount {
         let counter = &self.counter;
         let x = images.to_device(&counter.device)?.to_dtype(counter.dtype)?;
         let target = Tensor::new(counts, &counter.device)?.to_dtype(counter.dtype)?;
-        let d2 = (counter.expected_count(&x, counter.cfg.reward_temperature)? - target)?.sqr()?;
-        let reward = ((d2 + SMOOTHING * SMOOTHING)?.sqrt()? - SMOOTHING)?.neg()?;
-        reward.to_device(images.device())?.to_dtype(images.dtype())
+        let logits = counter.forward(&x)?;
+        let d2 = (counter.expected_from_logits(&logits, counter.cfg.reward_temperature)? - &target)?.sqr()?;
+        let distance = ((d2 + SMOOTHING * SMOOTHING)?.sqrt()? - SMOOTHING)?;
+        let counted = counter.expected_from_logits(&logits.detach(), 1.0)?;
+        let miscounted = (counted - &target)?.abs()?.ge(0.5)?.to_dtype(distance.dtype())?;
+        (distance * miscounted)?.neg()?.to_device(images.device())?.to_dtype(images.dtype())
     }
 }

@@ -69,7 +69,7 @@ pub const REWARDS: &[RewardInfo] = &[
     RewardInfo { name: "target_color", description: "minus the mean squared distance to `color`" },
     RewardInfo { name: "compressibility", description: "minus the estimated JPEG bits per pixel (8x8 DCT vs the quantisation table)" },
     RewardInfo { name: "incompressibility", description: "the estimated JPEG bits per pixel" },
-    RewardInfo { name: "object_count", description: "minus the smoothed distance between a CNN's expected object count and the count the prompt names" },
+    RewardInfo { name: "object_count", description: "0 when a CNN counts as many objects as the prompt names, else minus the smoothed distance between its expected count and the named one" },
     RewardInfo { name: "prompt_match", description: "foreground share in the prompt's colours minus the share in other palette colours" },
     RewardInfo { name: "aesthetic", description: "LAION aesthetic predictor on CLIP ViT-L/14 image embeddings (weights in aesthetic/)" },
     RewardInfo { name: "clip_score", description: "cosine similarity of the CLIP image and prompt embeddings (weights in clip/)" },
