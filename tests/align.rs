@@ -1,17 +1,21 @@
 //! AlignProp end to end on the fixture model: a short run with a pixel reward raises the
-//! reward on evaluation seeds it never trained on, and the saved adapter has diffusers keys.
+//! reward on evaluation seeds it never trained on, and the saved adapter has diffusers keys;
+//! a validated run ends with its best-scoring state.
 
 mod common;
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use common::TempDir;
 use sdserve::align::request::{AlignLimits, AlignRequest};
+use sdserve::align::validation::Validator;
 use sdserve::align::{attention_targets, runner, trainer};
+use sdserve::engine::noise::NoiseRng;
 use sdserve::engine::pipeline::StableDiffusion;
-use sdserve::lora::{LoraAdapter, LoraSet, PipelineLora};
+use sdserve::lora::{LoraAdapter, LoraSet, PipelineLora, TrainableLora};
 use sdserve::rewards::registry::{build_all, RewardModels};
+use sdserve::rewards::WeightedRewards;
 use serde_json::json;
 
 fn request(body: serde_json::Value) -> AlignRequest {
@@ -105,6 +109,8 @@ fn invalid_runs_are_rejected_with_the_field_named() {
         ("lora_rank", json!(1000), "lora_rank"),
         ("prompts", json!([]), "prompts"),
         ("eta", json!(2.0), "eta"),
+        ("validation", json!({"images": 0, "every": 1}), "validation"),
+        ("validation", json!({"images": 2, "every": 11}), "validation"),
     ] {
         let err = with(field, value).to_config(&limits, 0).unwrap_err();
         assert_eq!(err.0, param, "{field}: {}", err.1);
@@ -112,4 +118,87 @@ fn invalid_runs_are_rejected_with_the_field_named() {
     let unknown = build_all(&with("rewards", json!([{"reward": "nope"}])).rewards, &RewardModels::default());
     assert!(unknown.err().unwrap().to_string().contains("unknown reward \"nope\""));
     assert!(serde_json::from_value::<AlignRequest>(json!({"adapter_name": "x", "rewards": [], "bogus": 1})).is_err());
+}
+
+/// A brightness run on the fixture model that validates on 2 images after every step.
+struct Validated {
+    sd: StableDiffusion,
+    cfg: trainer::AlignConfig,
+    rewards: WeightedRewards,
+    lora: TrainableLora,
+}
+
+impl Validated {
+    fn new(steps: usize, seed: u64) -> Self {
+        let sd = StableDiffusion::load(&common::fixture_dir(), &Device::Cpu, DType::F32).unwrap();
+        let req = request(json!({
+            "adapter_name": "v", "prompts": ["two red circles", "one blue square"], "rewards": [{"reward": "brightness"}],
+            "steps": steps, "learning_rate": 0.01, "sampler_steps": 3, "truncation": {"k": 3},
+            "width": 32, "height": 32, "validation": {"images": 2, "every": 1}
+        }));
+        let cfg = req.to_config(&AlignLimits::default(), seed).unwrap();
+        let rewards = build_all(&req.rewards, &RewardModels::default()).unwrap();
+        let lora = runner::initial_lora(&sd, &req, None, seed).unwrap();
+        Self { sd, cfg, rewards, lora }
+    }
+
+    /// The validation reward of the LoRA's current state.
+    fn score(&self) -> f64 {
+        let cases = Validator::cases(&self.cfg, self.cfg.validation.unwrap());
+        trainer::evaluate(&self.sd, &self.cfg, &self.rewards, &self.lora.detached_set(), &cases).unwrap()
+    }
+}
+
+#[test]
+fn validator_restores_the_best_state_it_measured() {
+    let run = Validated::new(3, 3);
+    let Validated { sd, cfg, rewards, lora } = &run;
+    let snapshot = || lora.vars().iter().map(|v| v.as_detached_tensor().copy().unwrap()).collect::<Vec<_>>();
+    let set = |state: &[Tensor]| lora.vars().iter().zip(state).for_each(|(v, t)| v.set(t).unwrap());
+    let mut validator = Validator::new(sd, cfg, cfg.validation.unwrap(), rewards, lora).unwrap();
+    let mut states = vec![snapshot()];
+    let mut scores = vec![];
+    let mut rng = NoiseRng::new(11);
+    for _ in 0..2 {
+        for m in lora.modules() {
+            m.up.set(&(rng.randn(m.up.shape(), DType::F32, &Device::Cpu).unwrap() * 0.5).unwrap()).unwrap();
+        }
+        states.push(snapshot());
+    }
+    // Score the start again (a validator measures its start when built), then both
+    // perturbations, then the worst state again, so the best one is never the last measured.
+    set(&states[0]);
+    scores.push(run.score());
+    for (step, state) in states.iter().enumerate().skip(1) {
+        set(state);
+        scores.push(validator.measure(sd, cfg, rewards, lora, step).unwrap());
+    }
+    let rank = |pick: fn(f64, f64) -> bool| (0..3).reduce(|a, b| if pick(scores[b], scores[a]) { b } else { a }).unwrap();
+    let (best, worst) = (rank(|x, y| x > y), rank(|x, y| x < y));
+    assert!(scores[best] > scores[worst], "{scores:?}");
+    set(&states[worst]);
+    validator.measure(sd, cfg, rewards, lora, 3).unwrap();
+
+    let selection = validator.restore_best(lora).unwrap();
+    assert_eq!((selection.step, selection.reward, selection.start_reward), (best, scores[best], scores[0]));
+    for (now, kept) in snapshot().iter().zip(&states[best]) {
+        assert_eq!(now.to_vec2::<f32>().unwrap(), kept.to_vec2::<f32>().unwrap());
+    }
+}
+
+#[test]
+fn validated_run_reports_validation_and_keeps_the_best() {
+    let run = Validated::new(2, 5);
+    let mut measured = vec![];
+    let outcome = trainer::train(&run.sd, &run.cfg, &run.rewards, &run.lora, &mut |r| {
+        measured.push(r.validation_reward.unwrap());
+        Ok(())
+    })
+    .unwrap();
+    let selection = outcome.selection.unwrap();
+    measured.insert(0, selection.start_reward);
+    let best = measured.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    assert_eq!(selection.reward, best, "{measured:?}");
+    assert_eq!(measured[selection.step], best);
+    assert_eq!(run.score(), best);
 }

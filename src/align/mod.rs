@@ -1,7 +1,8 @@
 //! AlignProp: reward backpropagation through the last denoising steps into LoRA weights.
 //!
 //! - [`backprop`]: truncated backprop through DDIM, full-graph and step-recompute.
-//! - [`optim`]: AdamW and gradient clipping; [`trainer`]: the training loop.
+//! - [`optim`]: AdamW and gradient clipping; [`trainer`]: the training loop;
+//!   [`validation`]: keeping the best state on a validation set.
 //! - [`request`] and [`prompts`]: the job request and built-in prompt sets.
 //! - [`jobs`]: persisted background jobs with events and cancellation; [`runner`]: one run,
 //!   from request to saved adapter.
@@ -14,5 +15,6 @@ pub mod request;
 pub mod runner;
 pub mod targets;
 pub mod trainer;
+pub mod validation;
 
 pub use targets::attention_targets;

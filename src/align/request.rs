@@ -6,6 +6,7 @@ use utoipa::ToSchema;
 use super::optim::AdamWConfig;
 use super::prompts::prompt_set;
 use super::trainer::{AlignConfig, Truncation};
+use super::validation::Validation;
 use crate::rewards::registry::RewardSpec;
 
 /// How many final denoising steps carry gradient: `{"k": 1}` or `{"random": [1, 3]}`.
@@ -79,6 +80,11 @@ pub struct AlignRequest {
     /// Stop early (successfully) once this many seconds have passed.
     #[serde(default)]
     pub time_budget_s: Option<f64>,
+    /// Keep the best state on a validation set (`{"images": 32, "every": 10}`): the mean
+    /// reward of that many fixed (training prompt, seed) pairs, measured before training,
+    /// every `every` steps and at the end. Off by default (the last state is kept).
+    #[serde(default)]
+    pub validation: Option<Validation>,
     #[serde(default = "defaults::size")]
     pub width: usize,
     #[serde(default = "defaults::size")]
@@ -126,11 +132,12 @@ pub struct AlignLimits {
     pub max_batch: usize,
     pub max_rank: usize,
     pub max_pixels: usize,
+    pub max_validation_images: usize,
 }
 
 impl Default for AlignLimits {
     fn default() -> Self {
-        Self { max_steps: 1000, max_sampler_steps: 100, max_batch: 64, max_rank: 64, max_pixels: 512 * 512 }
+        Self { max_steps: 1000, max_sampler_steps: 100, max_batch: 64, max_rank: 64, max_pixels: 512 * 512, max_validation_images: 256 }
     }
 }
 
@@ -165,6 +172,10 @@ impl AlignRequest {
         range("batch_size", self.batch_size, limits.max_batch)?;
         range("grad_accum", self.grad_accum, limits.max_batch)?;
         range("lora_rank", self.lora_rank, limits.max_rank)?;
+        if let Some(v) = self.validation {
+            range("validation", v.images, limits.max_validation_images)?;
+            range("validation", v.every, self.steps)?;
+        }
         if self.width * self.height > limits.max_pixels || self.width == 0 || self.height == 0 {
             return Err(("width", format!("width × height must be between 1 and {} pixels", limits.max_pixels)));
         }
@@ -215,6 +226,7 @@ impl AlignRequest {
             width: self.width,
             height: self.height,
             time_budget_s: self.time_budget_s,
+            validation: self.validation,
         };
         cfg.validate().map_err(|e| ("truncation", e.to_string()))?;
         Ok(cfg)

@@ -10,6 +10,7 @@ use serde_json::{json, Map, Value};
 
 use super::request::AlignRequest;
 use super::trainer::{train, AlignConfig, StepReport, StopReason};
+use super::validation::Selection;
 use crate::engine::noise::NoiseRng;
 use crate::engine::pipeline::StableDiffusion;
 use crate::lora::{save_diffusers, LoraAdapter, TrainableLora};
@@ -18,6 +19,8 @@ use crate::rewards::WeightedRewards;
 /// What a finished run reports.
 pub struct RunOutcome {
     pub stop: StopReason,
+    /// The validated state kept, when the run validated.
+    pub selection: Option<Selection>,
     /// Sidecar fields: rewards, hyperparameters, seed, stop reason and reward curve.
     pub metadata: Map<String, Value>,
 }
@@ -49,7 +52,7 @@ pub fn run(
 ) -> Result<RunOutcome> {
     let lora = initial_lora(sd, request, init, cfg.seed)?;
     let mut curve = Vec::new();
-    let stop = train(sd, cfg, rewards, &lora, &mut |r| {
+    let trained = train(sd, cfg, rewards, &lora, &mut |r| {
         curve.push(r.clone());
         on_step(r)
     })?;
@@ -64,9 +67,12 @@ pub fn run(
     metadata.insert("rewards".into(), serde_json::to_value(&request.rewards)?);
     metadata.insert("hyperparameters".into(), hyperparameters(request, cfg, &lora));
     metadata.insert("seed".into(), json!(cfg.seed));
-    metadata.insert("stop_reason".into(), serde_json::to_value(stop)?);
+    metadata.insert("stop_reason".into(), serde_json::to_value(trained.stop)?);
+    if let Some(selection) = &trained.selection {
+        metadata.insert("validation".into(), serde_json::to_value(selection)?);
+    }
     metadata.insert("reward_curve".into(), serde_json::to_value(&curve)?);
-    Ok(RunOutcome { stop, metadata })
+    Ok(RunOutcome { stop: trained.stop, selection: trained.selection, metadata })
 }
 
 fn hyperparameters(request: &AlignRequest, cfg: &AlignConfig, lora: &TrainableLora) -> Value {
@@ -90,5 +96,6 @@ fn hyperparameters(request: &AlignRequest, cfg: &AlignConfig, lora: &TrainableLo
         "height": cfg.height,
         "init_adapter": request.init_adapter,
         "time_budget_s": cfg.time_budget_s,
+        "validation": cfg.validation,
     })
 }

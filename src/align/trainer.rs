@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::backprop::{recompute, Trajectory};
 use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use super::validation::{Selection, Validation, Validator};
 use crate::engine::noise::NoiseRng;
 use crate::engine::pipeline::StableDiffusion;
 use crate::engine::scheduler::Ddim;
@@ -62,6 +63,8 @@ pub struct AlignConfig {
     pub width: usize,
     pub height: usize,
     pub time_budget_s: Option<f64>,
+    /// Keep the best state on a validation set instead of the last one.
+    pub validation: Option<Validation>,
 }
 
 impl AlignConfig {
@@ -84,6 +87,9 @@ impl AlignConfig {
         if !(self.adamw.lr > 0.0 && self.adamw.lr.is_finite()) {
             bail!("learning_rate must be positive");
         }
+        if self.validation.is_some_and(|v| v.images == 0 || v.every == 0) {
+            bail!("validation: images and every must be positive");
+        }
         Ok(())
     }
 }
@@ -97,6 +103,9 @@ pub struct StepReport {
     pub loss: f64,
     pub grad_norm: f64,
     pub seconds: f64,
+    /// Mean reward on the validation set, on the steps where it was measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_reward: Option<f64>,
 }
 
 /// Why training stopped before `steps`.
@@ -126,15 +135,22 @@ impl PromptCache<'_> {
     }
 }
 
-/// Trains `lora` in place; `on_step` sees every report and may return an error (e.g.
-/// cancellation) to stop.
+/// How a run ended.
+pub struct TrainOutcome {
+    pub stop: StopReason,
+    /// The state kept when the run validated.
+    pub selection: Option<Selection>,
+}
+
+/// Trains `lora` in place (ending with the best validated state when `cfg.validation` is
+/// set); `on_step` sees every report and may return an error (e.g. cancellation) to stop.
 pub fn train(
     sd: &StableDiffusion,
     cfg: &AlignConfig,
     rewards: &WeightedRewards,
     lora: &TrainableLora,
     on_step: &mut dyn FnMut(&StepReport) -> Result<()>,
-) -> Result<StopReason> {
+) -> Result<TrainOutcome> {
     cfg.validate()?;
     let shape = sd.latent_shape(cfg.width, cfg.height)?;
     let scheduler = Ddim::new(&sd.scheduler_config, cfg.sampler_steps, cfg.eta)?;
@@ -143,6 +159,8 @@ pub fn train(
     let mut opt = AdamW::new(lora.vars().into_iter().cloned().collect(), cfg.adamw)?;
     let started = Instant::now();
     let samples_per_step = cfg.batch_size * cfg.grad_accum;
+    let mut validator = cfg.validation.map(|v| Validator::new(sd, cfg, v, rewards, lora)).transpose()?;
+    let mut stop = StopReason::Completed;
 
     for step in 1..=cfg.steps {
         let t0 = Instant::now();
@@ -181,13 +199,22 @@ pub fn train(
             bail!("non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}");
         }
         opt.step(&grads)?;
+        let out_of_time = cfg.time_budget_s.is_some_and(|b| started.elapsed().as_secs_f64() >= b) && step < cfg.steps;
+        let last = out_of_time || step == cfg.steps;
+        let validation_reward = match validator.as_mut() {
+            Some(v) if v.due(step, last) => Some(v.measure(sd, cfg, rewards, lora, step)?),
+            _ => None,
+        };
         let (mean, std) = mean_std(&rewards_seen);
-        on_step(&StepReport { step, reward_mean: mean, reward_std: std, loss, grad_norm, seconds: t0.elapsed().as_secs_f64() })?;
-        if cfg.time_budget_s.is_some_and(|b| started.elapsed().as_secs_f64() >= b) && step < cfg.steps {
-            return Ok(StopReason::TimeBudget);
+        let seconds = t0.elapsed().as_secs_f64();
+        on_step(&StepReport { step, reward_mean: mean, reward_std: std, loss, grad_norm, seconds, validation_reward })?;
+        if out_of_time {
+            stop = StopReason::TimeBudget;
+            break;
         }
     }
-    Ok(StopReason::Completed)
+    let selection = validator.map(|v| v.restore_best(lora)).transpose()?;
+    Ok(TrainOutcome { stop, selection })
 }
 
 /// Mean and population standard deviation.

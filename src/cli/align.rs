@@ -9,6 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::DeviceArgs;
 use crate::align::request::{AlignLimits, AlignRequest, TruncationRequest};
 use crate::align::runner;
+use crate::align::validation::Validation;
 use crate::engine::noise::random_seed;
 use crate::engine::pipeline::StableDiffusion;
 use crate::lora::LoraAdapter;
@@ -51,7 +52,7 @@ pub struct AlignArgs {
     #[arg(long, default_value_t = 1, conflicts_with = "k_random")]
     pub k: usize,
     /// Draw K per trajectory from MIN..=MAX instead, e.g. `1,3`.
-    #[arg(long, value_name = "MIN,MAX", value_parser = k_range)]
+    #[arg(long, value_name = "MIN,MAX", value_parser = two_numbers)]
     pub k_random: Option<[usize; 2]>,
     #[arg(long, default_value_t = 10)]
     pub sampler_steps: usize,
@@ -68,6 +69,10 @@ pub struct AlignArgs {
     /// Stop (successfully) after this many seconds.
     #[arg(long)]
     pub time_budget_s: Option<f64>,
+    /// Keep the best state on IMAGES fixed validation (prompt, seed) pairs, scored before
+    /// training and every EVERY steps, e.g. `32,10`.
+    #[arg(long, value_name = "IMAGES,EVERY", value_parser = two_numbers)]
+    pub validate: Option<[usize; 2]>,
     /// Replace an existing adapter of the same name.
     #[arg(long)]
     pub overwrite: bool,
@@ -75,10 +80,10 @@ pub struct AlignArgs {
     pub device: DeviceArgs,
 }
 
-/// Parses `MIN,MAX`.
-fn k_range(arg: &str) -> Result<[usize; 2], String> {
-    let parsed = arg.split_once(',').and_then(|(min, max)| Some([min.trim().parse().ok()?, max.trim().parse().ok()?]));
-    parsed.ok_or_else(|| format!("{arg:?} is not MIN,MAX (two whole numbers)"))
+/// Parses `A,B` (two whole numbers).
+fn two_numbers(arg: &str) -> Result<[usize; 2], String> {
+    let parsed = arg.split_once(',').and_then(|(a, b)| Some([a.trim().parse().ok()?, b.trim().parse().ok()?]));
+    parsed.ok_or_else(|| format!("{arg:?} is not two whole numbers separated by a comma"))
 }
 
 fn reward_spec(arg: &str) -> Result<RewardSpec> {
@@ -117,6 +122,7 @@ impl AlignArgs {
             seed: Some(seed),
             init_adapter: self.init_adapter.as_ref().map(|p| p.display().to_string()),
             time_budget_s: self.time_budget_s,
+            validation: self.validate.map(|[images, every]| Validation { images, every }),
             width: crate::pretrain::IMAGE_SIZE,
             height: crate::pretrain::IMAGE_SIZE,
             overwrite: self.overwrite,
@@ -154,10 +160,14 @@ pub fn run(args: AlignArgs) -> Result<()> {
         if !bar.is_hidden() {
             return Ok(());
         }
-        eprintln!("step {}/{}: reward {:.4} ± {:.4} ({:.1} s)", r.step, cfg.steps, r.reward_mean, r.reward_std, r.seconds);
+        let validation = r.validation_reward.map(|v| format!(", validation {v:.4}")).unwrap_or_default();
+        eprintln!("step {}/{}: reward {:.4} ± {:.4}{validation} ({:.1} s)", r.step, cfg.steps, r.reward_mean, r.reward_std, r.seconds);
         Ok(())
     })?;
     bar.finish();
+    if let Some(s) = outcome.selection {
+        eprintln!("kept the state after step {} (validation reward {:.4}; {:.4} before training)", s.step, s.reward, s.start_reward);
+    }
     let mut meta = AdapterMeta::align_job(None, Some(args.model.display().to_string()));
     meta.extra = outcome.metadata;
     let sidecar = args.adapters_dir.join(format!("{}.json", args.name));
@@ -184,7 +194,7 @@ mod tests {
     }
 
     #[test]
-    fn k_random_takes_min_comma_max() {
+    fn k_random_and_validate_take_two_comma_separated_numbers() {
         let args = parse(&["--k-random", "1,3"]).unwrap();
         assert_eq!(args.request(0).unwrap().truncation, TruncationRequest::Random { random: [1, 3] });
         assert_eq!(parse(&[]).unwrap().request(0).unwrap().truncation, TruncationRequest::Fixed { k: 1 });
@@ -192,5 +202,7 @@ mod tests {
             assert!(parse(&["--k-random", bad]).is_err(), "{bad:?} was accepted");
         }
         assert!(parse(&["--k-random", "1,3", "--k", "2"]).is_err());
+        let validation = parse(&["--validate", "32,10"]).unwrap().request(0).unwrap().validation;
+        assert_eq!(validation, Some(Validation { images: 32, every: 10 }));
     }
 }

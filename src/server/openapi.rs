@@ -7,7 +7,7 @@ use utoipa::{Modify, OpenApi};
 use super::api;
 use super::error;
 use super::routes::{adapters, align, images, jobs, system};
-use crate::align::{jobs as align_jobs, request as align_request, trainer};
+use crate::align::{jobs as align_jobs, request as align_request, trainer, validation};
 use crate::rewards::registry::RewardSpec;
 
 #[derive(OpenApi)]
@@ -78,6 +78,7 @@ requests asynchronously with progress and cancellation. Every error has the body
         align_jobs::AlignError,
         align_jobs::AlignEvent,
         trainer::StepReport,
+        validation::Validation,
         align::AlignJobList,
         align::AlignEventList,
         align::RewardList,
