@@ -121,7 +121,7 @@ pub fn prompt_count(prompt: &str) -> Result<usize> {
 /// 0 and adds no gradient; a miscounted one scores minus the pseudo-Huber distance
 /// `sqrt(d² + δ²) − δ` (δ = 0.1) between the expected count at the reward temperature and the
 /// named count, ≈ −|d|. Without that dead zone the correctly counted half of a batch, nudged
-/// toward the middle of the count range by the temperature, would fill AdamW's steps with
+/// toward the middle of the count range by the temperature, would add to every step
 /// directions that change nothing an evaluator would see.
 pub struct ObjectCount {
     counter: ObjectCounter,
