@@ -1,7 +1,7 @@
 //! The shapes-data rewards: `object_count` (the committed CNN counts held-out renders, prefers
-//! the right count, ignores correctly counted images, exact f64 gradients; `train-counter` learns from a model's samples and
-//! resumes) and `prompt_match` (prefers the named colours, exact f64 gradients), and their
-//! errors.
+//! the right count, ignores correctly counted images, exact f64 gradients; `train-counter`
+//! learns from a model's samples and resumes) and `prompt_match` (prefers the named colours,
+//! exact f64 gradients), and their errors.
 
 mod common;
 
@@ -91,20 +91,20 @@ fn object_count_leaves_correctly_counted_images_alone() {
     for (i, scene) in scenes.iter().enumerate() {
         let image = images.narrow(0, i, 1).unwrap();
         let var = Var::from_tensor(&image).unwrap();
-        let gradient_norm = |caption: &String| {
+        let reward_and_squared_gradient = |caption: &String| {
             let r = reward.score(var.as_tensor(), std::slice::from_ref(caption)).unwrap();
             let g = r.sum_all().unwrap().backward().unwrap();
             let norm = g.get(var.as_tensor()).map_or(0.0, |g| g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap());
             (r.to_vec1::<f32>().unwrap()[0], norm)
         };
-        let (r, g) = gradient_norm(&right[i]);
+        let (r, g) = reward_and_squared_gradient(&right[i]);
         if (counted[i] - scene.shapes.len() as f32).abs() < 0.5 {
             assert_eq!((r, g), (0.0, 0.0), "{}: counted {}", right[i], counted[i]);
         } else {
             assert!(r < 0.0 && g > 0.0, "{}: counted {}, reward {r}", right[i], counted[i]);
         }
-        let (r, g) = gradient_norm(&wrong[i]);
-        assert!(r < -0.5 && g > 0.0, "{}: reward {r}, gradient norm {g}", wrong[i]);
+        let (r, g) = reward_and_squared_gradient(&wrong[i]);
+        assert!(r < -0.5 && g > 0.0, "{}: reward {r}, squared gradient {g}", wrong[i]);
     }
 }
 
