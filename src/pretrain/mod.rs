@@ -1,11 +1,13 @@
 //! Training the embedded default model from scratch on the procedural shapes dataset:
-//! tokenizer → VAE → text encoder + UNet, saved as a diffusers-layout folder.
+//! tokenizer → VAE → text encoder + UNet, saved as a diffusers-layout folder; and [`sd15`],
+//! an untrained SD 1.5-architecture pipeline for real-scale benchmarks.
 
 mod arch;
 pub mod checkpoint;
 mod data;
 mod diffusion_stage;
 mod params;
+pub mod sd15;
 mod vae_stage;
 mod vocab;
 
