@@ -17,6 +17,7 @@ pub mod model;
 pub mod pretrain;
 pub mod rewards;
 pub mod server;
+pub mod tensor_file;
 pub mod cli;
 
 /// The embedded default model: a small SD-architecture model trained by this project

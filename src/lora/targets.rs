@@ -2,16 +2,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::fs::File;
-use std::io::Read;
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
-use safetensors::tensor::Metadata;
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
-/// Largest safetensors header read (the format's own limit).
-const MAX_HEADER: u64 = 100_000_000;
+use crate::tensor_file::TensorFile;
 
 /// The text encoder's module paths start with this, whether or not its weight file does
 /// (transformers ≥ 5 saves `CLIPTextModel` without it), as in `model::clip`.
@@ -156,29 +152,7 @@ impl LoraTargets {
 
 /// The `(name, shape)` of every tensor in a safetensors file, from its header alone.
 fn read_shapes(path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
-    let corrupt = || format!("corrupt safetensors header in {}", path.display());
-    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let file_len = file.metadata()?.len();
-    let mut len = [0u8; 8];
-    file.read_exact(&mut len).with_context(corrupt)?;
-    let n = u64::from_le_bytes(len);
-    if n > MAX_HEADER || 8 + n > file_len {
-        bail!("{}: header length {n} does not fit the file", corrupt());
-    }
-    let mut header = vec![0u8; n as usize];
-    file.read_exact(&mut header).with_context(corrupt)?;
-    let meta: Metadata = serde_json::from_slice(&header).with_context(corrupt)?;
-    if (meta.data_len() as u64).checked_add(8 + n) != Some(file_len) {
-        bail!(
-            "{}: tensor data does not match the file size (truncated?)",
-            corrupt()
-        );
-    }
-    Ok(meta
-        .tensors()
-        .into_iter()
-        .map(|(name, info)| (name, info.shape.clone()))
-        .collect())
+    Ok(TensorFile::open(path)?.shapes())
 }
 
 #[cfg(test)]

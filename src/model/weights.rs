@@ -6,6 +6,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
+use crate::tensor_file::TensorFile;
+
 /// The weight file of a diffusers component folder: `<stem>.safetensors`, or the
 /// `<stem>.fp16.safetensors` variant when only that one exists.
 pub fn find_weights(dir: &Path, stem: &str) -> Result<PathBuf> {
@@ -20,14 +22,14 @@ pub fn find_weights(dir: &Path, stem: &str) -> Result<PathBuf> {
     bail!("no weights in {}: expected {stem}.safetensors", dir.display())
 }
 
-/// Opens a safetensors file as a `VarBuilder` that converts every tensor to `dtype` on access.
+/// Opens a safetensors file as a `VarBuilder` that reads each tensor when it is asked for and
+/// converts it to `dtype`: the built model holds every weight once (see [`TensorFile`]).
 ///
 /// The header is parsed up front so a truncated or corrupt file is reported by name.
 pub fn open(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
     if !path.is_file() {
         bail!("missing weight file {}", path.display());
     }
-    // SAFETY: model files are not modified while the server runs; the mapping is read-only.
-    unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, device) }
-        .with_context(|| format!("corrupt safetensors file {}", path.display()))
+    let file = TensorFile::open(path).with_context(|| format!("corrupt safetensors file {}", path.display()))?;
+    Ok(VarBuilder::from_backend(Box::new(file), dtype, device.clone()))
 }
