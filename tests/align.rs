@@ -40,7 +40,7 @@ fn run(model: &Path, reward: &str, steps: usize, lr: f64, out: &Path) -> (f64, f
         "height": 32,
         "seed": 7
     }));
-    let cfg = req.to_config(&AlignLimits::default(), 7).unwrap();
+    let cfg = req.to_config(&AlignLimits::default(), 7, sd.native_size()).unwrap();
     let rewards = build_all(&req.rewards, &RewardModels::default()).unwrap();
     let eval: Vec<(String, u64)> =
         [("two red circles", 90_001), ("one blue square", 90_002), ("three green triangles", 90_003)].map(|(p, s)| (p.to_string(), s)).into();
@@ -111,10 +111,16 @@ fn invalid_runs_are_rejected_with_the_field_named() {
         ("eta", json!(2.0), "eta"),
         ("validation", json!({"images": 0, "every": 1}), "validation"),
         ("validation", json!({"images": 2, "every": 11}), "validation"),
+        ("width", json!(2048), "width"),
+        ("height", json!(0), "width"),
     ] {
-        let err = with(field, value).to_config(&limits, 0).unwrap_err();
+        let err = with(field, value).to_config(&limits, 0, 64).unwrap_err();
         assert_eq!(err.0, param, "{field}: {}", err.1);
     }
+    // The size defaults to the model's native one, per side.
+    let native = base.clone();
+    assert_eq!(request(native).to_config(&limits, 0, 512).map(|c| (c.width, c.height)).unwrap(), (512, 512));
+    assert_eq!(with("width", json!(256)).to_config(&limits, 0, 512).map(|c| (c.width, c.height)).unwrap(), (256, 512));
     let unknown = build_all(&with("rewards", json!([{"reward": "nope"}])).rewards, &RewardModels::default());
     assert!(unknown.err().unwrap().to_string().contains("unknown reward \"nope\""));
     assert!(serde_json::from_value::<AlignRequest>(json!({"adapter_name": "x", "rewards": [], "bogus": 1})).is_err());
@@ -134,9 +140,11 @@ impl Validated {
         let req = request(json!({
             "adapter_name": "v", "prompts": ["two red circles", "one blue square"], "rewards": [{"reward": "brightness"}],
             "steps": steps, "learning_rate": 0.01, "sampler_steps": 3, "truncation": {"k": 3},
-            "width": 32, "height": 32, "validation": {"images": 2, "every": 1}
+            "validation": {"images": 2, "every": 1}
         }));
-        let cfg = req.to_config(&AlignLimits::default(), seed).unwrap();
+        // No size given: the fixture's native 32×32.
+        let cfg = req.to_config(&AlignLimits::default(), seed, sd.native_size()).unwrap();
+        assert_eq!((cfg.width, cfg.height), (32, 32));
         let rewards = build_all(&req.rewards, &RewardModels::default()).unwrap();
         let lora = runner::initial_lora(&sd, &req, None, seed).unwrap();
         Self { sd, cfg, rewards, lora }

@@ -120,13 +120,18 @@ fn align_job_writes_an_adapter_that_the_next_request_uses() {
     assert_eq!(sse.matches("event: metrics").count(), 6, "{sse}");
     assert!(sse.contains("job succeeded"));
 
-    // A run can continue from an existing adapter.
+    // A run can continue from an existing adapter; without a size it trains at the model's
+    // native size (64×64 for the default model), which the job record names.
     let mut more = align_body("brighter-more", 2);
     more["init_adapter"] = json!("brighter");
-    let cont = wait_align(&s, submit(&s, &more)["id"].as_str().unwrap(), terminal);
+    more.as_object_mut().unwrap().retain(|k, _| k != "width" && k != "height");
+    let queued = submit(&s, &more);
+    assert_eq!((queued["request"]["width"].as_u64(), queued["request"]["height"].as_u64()), (Some(64), Some(64)), "{queued}");
+    let cont = wait_align(&s, queued["id"].as_str().unwrap(), terminal);
     assert_eq!(cont["status"], "succeeded", "{cont}");
     let sidecar: Value = serde_json::from_slice(&std::fs::read(s.adapters_dir.join("brighter-more.json")).unwrap()).unwrap();
     assert_eq!(sidecar["hyperparameters"]["init_adapter"], "brighter");
+    assert_eq!((sidecar["hyperparameters"]["width"].as_u64(), sidecar["hyperparameters"]["height"].as_u64()), (Some(64), Some(64)));
 
     // The same name again needs overwrite.
     let err = assert_error(s.post_json("/align", &align_body("brighter", 1)), StatusCode::CONFLICT);
@@ -150,6 +155,8 @@ fn bad_align_requests_get_clear_errors() {
         (with("steps", json!(0)), "steps"),
         (with("learning_rate", json!(0.0)), "learning_rate"),
         (with("prompt_set", json!("shapes")), "prompts"),
+        (with("width", json!(40000)), "width"),
+        (with("width", json!(33)), "width"),
     ] {
         let err = assert_error(s.post_json("/v1/align/jobs", &body), StatusCode::BAD_REQUEST);
         assert_eq!(err["param"], param, "{err}");

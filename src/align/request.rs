@@ -85,10 +85,15 @@ pub struct AlignRequest {
     /// every `every` steps and at the end. Off by default (the last state is kept).
     #[serde(default)]
     pub validation: Option<Validation>,
-    #[serde(default = "defaults::size")]
-    pub width: usize,
-    #[serde(default = "defaults::size")]
-    pub height: usize,
+    /// Image width; defaults to the model's native size (UNet `sample_size` × the VAE's
+    /// scale factor: 512 for SD 1.5, 64 for the embedded default model).
+    #[serde(default)]
+    #[schema(example = 512)]
+    pub width: Option<usize>,
+    /// Image height; defaults to the model's native size.
+    #[serde(default)]
+    #[schema(example = 512)]
+    pub height: Option<usize>,
     /// Replace an existing adapter of the same name.
     #[serde(default)]
     pub overwrite: bool,
@@ -119,9 +124,6 @@ mod defaults {
     pub fn guidance_scale() -> f64 {
         7.5
     }
-    pub fn size() -> usize {
-        64
-    }
 }
 
 /// Upper bounds a server puts on requests.
@@ -137,7 +139,7 @@ pub struct AlignLimits {
 
 impl Default for AlignLimits {
     fn default() -> Self {
-        Self { max_steps: 1000, max_sampler_steps: 100, max_batch: 64, max_rank: 64, max_pixels: 512 * 512, max_validation_images: 256 }
+        Self { max_steps: 1000, max_sampler_steps: 100, max_batch: 64, max_rank: 64, max_pixels: 1024 * 1024, max_validation_images: 256 }
     }
 }
 
@@ -158,8 +160,14 @@ impl AlignRequest {
         }
     }
 
-    /// Checks ranges and converts to a training config with the given seed.
-    pub fn to_config(&self, limits: &AlignLimits, seed: u64) -> Result<AlignConfig, Invalid> {
+    /// The image size: the request's, else the model's native `native`×`native`.
+    pub fn size(&self, native: usize) -> (usize, usize) {
+        (self.width.unwrap_or(native), self.height.unwrap_or(native))
+    }
+
+    /// Checks ranges and converts to a training config with the given seed, for a model whose
+    /// native image size is `native`.
+    pub fn to_config(&self, limits: &AlignLimits, seed: u64, native: usize) -> Result<AlignConfig, Invalid> {
         let range = |param: &'static str, v: usize, max: usize| {
             if v == 0 || v > max {
                 Err((param, format!("{param} must be between 1 and {max}, got {v}")))
@@ -176,7 +184,8 @@ impl AlignRequest {
             range("validation", v.images, limits.max_validation_images)?;
             range("validation", v.every, self.steps)?;
         }
-        if self.width * self.height > limits.max_pixels || self.width == 0 || self.height == 0 {
+        let (width, height) = self.size(native);
+        if width * height > limits.max_pixels || width == 0 || height == 0 {
             return Err(("width", format!("width × height must be between 1 and {} pixels", limits.max_pixels)));
         }
         let positive = |param: &'static str, v: f64| {
@@ -223,8 +232,8 @@ impl AlignRequest {
             guidance_scale: self.guidance_scale,
             eta: self.eta,
             seed,
-            width: self.width,
-            height: self.height,
+            width,
+            height,
             time_budget_s: self.time_budget_s,
             validation: self.validation,
         };

@@ -69,6 +69,12 @@ pub struct AlignArgs {
     /// Stop (successfully) after this many seconds.
     #[arg(long)]
     pub time_budget_s: Option<f64>,
+    /// Image width; defaults to the model's native size (UNet sample size × VAE scale factor).
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Image height; defaults to the model's native size.
+    #[arg(long)]
+    pub height: Option<usize>,
     /// Keep the best state on IMAGES fixed validation (prompt, seed) pairs, scored before
     /// training and every EVERY steps, e.g. `32,10`.
     #[arg(long, value_name = "IMAGES,EVERY", value_parser = two_numbers)]
@@ -123,8 +129,8 @@ impl AlignArgs {
             init_adapter: self.init_adapter.as_ref().map(|p| p.display().to_string()),
             time_budget_s: self.time_budget_s,
             validation: self.validate.map(|[images, every]| Validation { images, every }),
-            width: crate::pretrain::IMAGE_SIZE,
-            height: crate::pretrain::IMAGE_SIZE,
+            width: self.width,
+            height: self.height,
             overwrite: self.overwrite,
         })
     }
@@ -140,10 +146,11 @@ pub fn run(args: AlignArgs) -> Result<()> {
     }
     let seed = args.seed.unwrap_or_else(random_seed);
     let request = args.request(seed)?;
-    let cfg = request.to_config(&AlignLimits::default(), seed).map_err(|(param, msg)| anyhow!("{param}: {msg}"))?;
     let rewards = build_all(&request.rewards, &RewardModels::new(&args.reward_models))?;
     let device = args.device.device()?;
     let sd = StableDiffusion::load(&args.model, &device, args.device.dtype()?)?;
+    let cfg = request.to_config(&AlignLimits::default(), seed, sd.native_size()).map_err(|(param, msg)| anyhow!("{param}: {msg}"))?;
+    eprintln!("training at {}x{}", cfg.width, cfg.height);
     let init = match &args.init_adapter {
         Some(p) => Some(LoraAdapter::from_file(p, &sd.lora_targets, &device)?),
         None => None,
@@ -204,5 +211,16 @@ mod tests {
         assert!(parse(&["--k-random", "1,3", "--k", "2"]).is_err());
         let validation = parse(&["--validate", "32,10"]).unwrap().request(0).unwrap().validation;
         assert_eq!(validation, Some(Validation { images: 32, every: 10 }));
+    }
+
+    #[test]
+    fn size_defaults_to_the_models_native_size() {
+        let size = |extra: &[&str]| {
+            let cfg = parse(&[extra, &["--prompt", "a cat"]].concat()).unwrap().request(0).unwrap().to_config(&AlignLimits::default(), 0, 512).unwrap();
+            (cfg.width, cfg.height)
+        };
+        assert_eq!(size(&[]), (512, 512));
+        assert_eq!(size(&["--width", "256", "--height", "384"]), (256, 384));
+        assert_eq!(size(&["--height", "256"]), (512, 256));
     }
 }

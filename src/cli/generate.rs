@@ -28,10 +28,12 @@ pub struct GenerateArgs {
     /// Random when omitted (the seed used is printed).
     #[arg(long)]
     pub seed: Option<u64>,
-    #[arg(long, default_value_t = 64)]
-    pub width: usize,
-    #[arg(long, default_value_t = 64)]
-    pub height: usize,
+    /// Defaults to the model's native size (UNet sample size × VAE scale factor).
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Defaults to the model's native size.
+    #[arg(long)]
+    pub height: Option<usize>,
     /// ddim, euler_a, dpmpp_2m or dpmpp_2m_karras.
     #[arg(long, default_value = "ddim")]
     pub scheduler: SchedulerKind,
@@ -73,8 +75,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         steps: args.steps,
         guidance_scale: args.guidance,
         seed,
-        width: args.width,
-        height: args.height,
+        width: args.width.unwrap_or(sd.native_size()),
+        height: args.height.unwrap_or(sd.native_size()),
         scheduler: args.scheduler,
         eta: args.eta,
         latents,

@@ -109,6 +109,11 @@ impl StableDiffusion {
         self.vae.config().downscale()
     }
 
+    /// The image side the model was trained at: UNet `sample_size` × the VAE scale factor.
+    pub fn native_size(&self) -> usize {
+        self.unet.config().sample_size * self.vae_scale()
+    }
+
     /// Checks an image size and returns the latent shape `[1, C, h, w]`.
     pub fn latent_shape(&self, width: usize, height: usize) -> Result<(usize, usize, usize, usize)> {
         let f = self.vae_scale();

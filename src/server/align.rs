@@ -28,7 +28,7 @@ pub fn start(state: &AppState) {
 fn run_job(state: &AppState, ctx: RunContext) -> Result<StopReason> {
     let sd = state.model.get().context("the model is not loaded")?;
     let request = ctx.request;
-    let cfg = request.to_config(&AlignLimits::default(), ctx.seed).map_err(|(param, msg)| anyhow!("invalid request ({param}): {msg}"))?;
+    let cfg = request.to_config(&AlignLimits::default(), ctx.seed, sd.native_size()).map_err(|(param, msg)| anyhow!("invalid request ({param}): {msg}"))?;
     let rewards = build_all(&request.rewards, &state.reward_models)?;
     let init = match &request.init_adapter {
         Some(name) => Some(state.adapters.resolve(name)?),

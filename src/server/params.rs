@@ -23,7 +23,7 @@ pub fn default_size(config: &ServerConfig, model: &StableDiffusion) -> (u32, u32
     {
         return (w, h);
     }
-    let side = (model.unet.config().sample_size * model.vae_scale()) as u32;
+    let side = model.native_size() as u32;
     (side, side)
 }
 

@@ -71,8 +71,9 @@ fn not_found(id: &str) -> ApiError {
     ApiError::not_found(format!("no align job {id:?}")).code("job_not_found")
 }
 
-/// Everything that would make the job fail at once is a 4xx now.
-fn validate(state: &AppState, req: &AlignRequest, seed: u64) -> Result<(), ApiError> {
+/// Everything that would make the job fail at once is a 4xx now; an unset size becomes the
+/// model's native size, so the job record names the size it trains at.
+fn validate(state: &AppState, req: &mut AlignRequest, seed: u64) -> Result<(), ApiError> {
     if !valid_name(&req.adapter_name) {
         return Err(ApiError::from(AdapterError::InvalidName(req.adapter_name.clone())).param("adapter_name"));
     }
@@ -86,7 +87,11 @@ fn validate(state: &AppState, req: &AlignRequest, seed: u64) -> Result<(), ApiEr
             .param("adapter_name")
             .code("adapter_busy"));
     }
-    req.to_config(&AlignLimits::default(), seed).map_err(|(param, message)| ApiError::invalid(param, message))?;
+    let model = state.ready_model()?;
+    let (width, height) = req.size(model.native_size());
+    model.latent_shape(width, height).map_err(|e| ApiError::invalid("width", e.to_string()))?;
+    (req.width, req.height) = (Some(width), Some(height));
+    req.to_config(&AlignLimits::default(), seed, model.native_size()).map_err(|(param, message)| ApiError::invalid(param, message))?;
     build_all(&req.rewards, &state.reward_models).map_err(|e| ApiError::invalid("rewards", format!("{e:#}")))?;
     if let Some(init) = &req.init_adapter {
         if !state.adapters.exists(init) {
@@ -99,7 +104,8 @@ fn validate(state: &AppState, req: &AlignRequest, seed: u64) -> Result<(), ApiEr
 /// Start an AlignProp run.
 ///
 /// Validates the request (400 for bad values, 404 for a missing `init_adapter`, 409 when the
-/// adapter exists without `overwrite`) and queues the job: 202 with the job object. On
+/// adapter exists without `overwrite`, 503 while the model loads) and queues the job: 202
+/// with the job object; `width` and `height` default to the model's native size. On
 /// success the adapter is written to `adapters/<adapter_name>.safetensors` and is usable at
 /// once. `POST /align` is the same endpoint.
 #[utoipa::path(
@@ -115,13 +121,15 @@ fn validate(state: &AppState, req: &AlignRequest, seed: u64) -> Result<(), ApiEr
         (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
         (status = 404, description = "`init_adapter` does not exist", body = ErrorResponse),
         (status = 409, description = "The adapter exists (no `overwrite`) or another job writes it", body = ErrorResponse),
+        (status = 503, description = "The model is still loading", body = ErrorResponse,
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
     ),
     security(("bearer" = []))
 )]
-pub async fn create_align_job(State(state): State<AppState>, ApiJson(req): ApiJson<AlignRequest>) -> Result<Response, ApiError> {
+pub async fn create_align_job(State(state): State<AppState>, ApiJson(mut req): ApiJson<AlignRequest>) -> Result<Response, ApiError> {
     let seed = req.seed.unwrap_or_else(random_seed);
     let job = tokio::task::spawn_blocking(move || {
-        validate(&state, &req, seed)?;
+        validate(&state, &mut req, seed)?;
         state.align.submit(req, seed).map_err(|e| ApiError::internal(format!("cannot queue the job: {e:#}")))
     })
     .await??;
