@@ -139,12 +139,7 @@ impl StableDiffusion {
 
     /// Latents → images `[B, 3, H, W]` in `[0, 1]`.
     pub fn decode(&self, latents: &Tensor) -> candle_core::Result<Tensor> {
-        let z = (latents / self.vae.config().scaling_factor)?;
-        let z = match self.vae.config().shift_factor {
-            Some(s) => (z + s)?,
-            None => z,
-        };
-        ((self.vae.decode(&z)? / 2.0)? + 0.5)?.clamp(0.0, 1.0)
+        to_pixels(&self.vae.decode_scaled(latents)?)
     }
 
     /// Runs the whole sampler; `on_step(done, total)` is called after every denoising step
@@ -181,4 +176,9 @@ impl StableDiffusion {
         }
         Ok(self.decode(&latents)?)
     }
+}
+
+/// The VAE's output (about `[-1, 1]`) as pixel values in `[0, 1]`.
+pub fn to_pixels(decoded: &Tensor) -> candle_core::Result<Tensor> {
+    ((decoded / 2.0)? + 0.5)?.clamp(0.0, 1.0)
 }

@@ -8,6 +8,7 @@ use candle_nn::VarBuilder;
 use crate::lora::LoraSet;
 use crate::model::config::VaeConfig;
 use crate::model::nn::{attention, Conv2d, GroupNorm};
+use crate::model::staged::{run_to_one, Staged};
 
 /// GroupNorm epsilon of every VAE block (diffusers hard-codes 1e-6).
 const EPS: f64 = 1e-6;
@@ -127,12 +128,21 @@ impl MidBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut h = self.resnet_0.forward(x)?;
-        if let Some(attn) = &self.attention {
-            h = attn.forward(&h)?;
+    /// Resnet, attention (when present), resnet.
+    fn num_layers(&self) -> usize {
+        2 + usize::from(self.attention.is_some())
+    }
+
+    fn layer(&self, j: usize, x: &Tensor) -> Result<Tensor> {
+        match (j, &self.attention) {
+            (0, _) => self.resnet_0.forward(x),
+            (1, Some(attn)) => attn.forward(x),
+            _ => self.resnet_1.forward(x),
         }
-        self.resnet_1.forward(&h)
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        (0..self.num_layers()).try_fold(x.clone(), |h, j| self.layer(j, &h))
     }
 }
 
@@ -180,8 +190,15 @@ impl ResampleBlock {
         Ok(Self { resnets, resample })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.resnets.iter().try_fold(x.clone(), |h, r| r.forward(&h))?;
+    /// Each resnet, then the resampling convolution.
+    fn num_layers(&self) -> usize {
+        self.resnets.len() + usize::from(self.resample.is_some())
+    }
+
+    fn layer(&self, j: usize, h: &Tensor) -> Result<Tensor> {
+        if let Some(r) = self.resnets.get(j) {
+            return r.forward(h);
+        }
         match &self.resample {
             // diffusers `Downsample2D(padding=0)`: zero-pad right and bottom first.
             Some((Resample::Down, c)) => {
@@ -191,8 +208,12 @@ impl ResampleBlock {
                 let (_, _, hh, ww) = h.dims4()?;
                 c.forward(&h.upsample_nearest2d(2 * hh, 2 * ww)?, LoraSet::none())
             }
-            None => Ok(h),
+            None => Ok(h.clone()),
         }
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        (0..self.num_layers()).try_fold(x.clone(), |h, j| self.layer(j, &h))
     }
 }
 
@@ -294,12 +315,30 @@ impl Decoder {
         })
     }
 
-    fn forward(&self, z: &Tensor) -> Result<Tensor> {
-        let mut h = self.mid_block.forward(&self.conv_in.forward(z, LoraSet::none())?)?;
-        for block in &self.up_blocks {
-            h = block.forward(&h)?;
+    /// `conv_in`, the mid block's layers, each up block's layers, the output head.
+    fn num_layers(&self) -> usize {
+        2 + self.mid_block.num_layers() + self.up_blocks.iter().map(ResampleBlock::num_layers).sum::<usize>()
+    }
+
+    fn layer(&self, i: usize, h: &Tensor) -> Result<Tensor> {
+        if i == 0 {
+            return self.conv_in.forward(h, LoraSet::none());
         }
-        self.out.forward(&h)
+        let mut j = i - 1;
+        if j < self.mid_block.num_layers() {
+            return self.mid_block.layer(j, h);
+        }
+        j -= self.mid_block.num_layers();
+        for block in &self.up_blocks {
+            if j < block.num_layers() {
+                return block.layer(j, h);
+            }
+            j -= block.num_layers();
+        }
+        match j {
+            0 => self.out.forward(h),
+            _ => candle_core::bail!("vae decoder has no layer {i}"),
+        }
     }
 }
 
@@ -375,9 +414,54 @@ impl AutoencoderKL {
     /// Decodes latents `[B, latent_channels, h, w]` (already divided by `scaling_factor`)
     /// into images `[B, out_channels, h·s, w·s]` in about `[-1, 1]`.
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        match &self.post_quant_conv {
-            Some(c) => self.decoder.forward(&c.forward(z, LoraSet::none())?),
-            None => self.decoder.forward(z),
+        run_to_one(&Decode { vae: self, scaled: false }, z.clone())
+    }
+
+    /// [`Self::decode`] of latents as the sampler produces them (multiplied by
+    /// `scaling_factor`, after subtracting `shift_factor`).
+    pub fn decode_scaled(&self, latents: &Tensor) -> Result<Tensor> {
+        run_to_one(&self.scaled_decoder(), latents.clone())
+    }
+
+    /// [`Self::decode_scaled`] as layers, for layer-by-layer recomputation.
+    pub fn scaled_decoder(&self) -> Decode<'_> {
+        Decode { vae: self, scaled: true }
+    }
+}
+
+/// The decoder pass: the latent unscaling (for [`AutoencoderKL::decode_scaled`]),
+/// `post_quant_conv` and `conv_in` as the first layer, then the decoder's layers.
+pub struct Decode<'a> {
+    vae: &'a AutoencoderKL,
+    scaled: bool,
+}
+
+impl Decode<'_> {
+    fn first(&self, latents: &Tensor) -> Result<Tensor> {
+        let cfg = &self.vae.config;
+        let z = match (self.scaled, cfg.shift_factor) {
+            (false, _) => latents.clone(),
+            (true, None) => (latents / cfg.scaling_factor)?,
+            (true, Some(s)) => ((latents / cfg.scaling_factor)? + s)?,
+        };
+        match &self.vae.post_quant_conv {
+            Some(c) => self.vae.decoder.layer(0, &c.forward(&z, LoraSet::none())?),
+            None => self.vae.decoder.layer(0, &z),
         }
+    }
+}
+
+impl Staged for Decode<'_> {
+    fn layers(&self) -> usize {
+        self.vae.decoder.num_layers()
+    }
+
+    fn reads(&self, _: usize) -> usize {
+        1
+    }
+
+    fn run(&self, i: usize, top: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        let [h] = <[Tensor; 1]>::try_from(top).map_err(|_| candle_core::Error::Msg("vae decoder: one tensor expected".into()))?;
+        Ok(vec![if i == 0 { self.first(&h)? } else { self.vae.decoder.layer(i, &h)? }])
     }
 }

@@ -1,18 +1,17 @@
 //! The down, mid and up blocks of `UNet2DConditionModel`.
 
-use candle_core::{Result, Tensor};
+use candle_core::Result;
 use candle_nn::VarBuilder;
 
 use super::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use super::transformer::{Transformer2DModel, TransformerConfig};
-use crate::lora::LoraSet;
 
 /// `CrossAttnDownBlock2D` (with transformers) or `DownBlock2D` (without).
 #[derive(Clone, Debug)]
 pub struct DownBlock {
-    resnets: Vec<ResnetBlock2D>,
-    attentions: Vec<Transformer2DModel>,
-    downsampler: Option<Downsample2D>,
+    pub(super) resnets: Vec<ResnetBlock2D>,
+    pub(super) attentions: Vec<Transformer2DModel>,
+    pub(super) downsampler: Option<Downsample2D>,
 }
 
 /// Settings of one down or up block.
@@ -45,37 +44,13 @@ impl DownBlock {
         };
         Ok(Self { resnets, attentions, downsampler })
     }
-
-    /// Returns the block output and the states it hands to the up path as skips.
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        temb: &Tensor,
-        context: &Tensor,
-        lora: &LoraSet,
-    ) -> Result<(Tensor, Vec<Tensor>)> {
-        let mut h = x.clone();
-        let mut skips = Vec::with_capacity(self.resnets.len() + 1);
-        for (j, resnet) in self.resnets.iter().enumerate() {
-            h = resnet.forward(&h, Some(temb), lora)?;
-            if let Some(attn) = self.attentions.get(j) {
-                h = attn.forward(&h, context, lora)?;
-            }
-            skips.push(h.clone());
-        }
-        if let Some(d) = &self.downsampler {
-            h = d.forward(&h, lora)?;
-            skips.push(h.clone());
-        }
-        Ok((h, skips))
-    }
 }
 
 /// `UNetMidBlock2DCrossAttn`: resnet, then (transformer, resnet) pairs.
 #[derive(Clone, Debug)]
 pub struct MidBlock {
-    resnets: Vec<ResnetBlock2D>,
-    attentions: Vec<Transformer2DModel>,
+    pub(super) resnets: Vec<ResnetBlock2D>,
+    pub(super) attentions: Vec<Transformer2DModel>,
 }
 
 impl MidBlock {
@@ -89,24 +64,15 @@ impl MidBlock {
             attentions: vec![Transformer2DModel::new(vb.pp("attentions.0"), channels, tc)?],
         })
     }
-
-    pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor, lora: &LoraSet) -> Result<Tensor> {
-        let mut h = self.resnets[0].forward(x, Some(temb), lora)?;
-        for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
-            h = attn.forward(&h, context, lora)?;
-            h = resnet.forward(&h, Some(temb), lora)?;
-        }
-        Ok(h)
-    }
 }
 
 /// `CrossAttnUpBlock2D` or `UpBlock2D`: each resnet takes the previous output concatenated
 /// with one skip state.
 #[derive(Clone, Debug)]
 pub struct UpBlock {
-    resnets: Vec<ResnetBlock2D>,
-    attentions: Vec<Transformer2DModel>,
-    upsampler: Option<Upsample2D>,
+    pub(super) resnets: Vec<ResnetBlock2D>,
+    pub(super) attentions: Vec<Transformer2DModel>,
+    pub(super) upsampler: Option<Upsample2D>,
 }
 
 impl UpBlock {
@@ -136,35 +102,5 @@ impl UpBlock {
             None
         };
         Ok(Self { resnets, attentions, upsampler })
-    }
-
-    pub fn num_skips(&self) -> usize {
-        self.resnets.len()
-    }
-
-    /// `skips` are consumed last-first; `upsample_size` is the spatial size of the next
-    /// level's skips.
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        skips: &mut Vec<Tensor>,
-        temb: &Tensor,
-        context: &Tensor,
-        upsample_size: Option<(usize, usize)>,
-        lora: &LoraSet,
-    ) -> Result<Tensor> {
-        let mut h = x.clone();
-        for (j, resnet) in self.resnets.iter().enumerate() {
-            let skip = skips.pop().ok_or_else(|| candle_core::Error::Msg("unet: missing skip state".into()))?;
-            h = Tensor::cat(&[&h, &skip], 1)?;
-            h = resnet.forward(&h, Some(temb), lora)?;
-            if let Some(attn) = self.attentions.get(j) {
-                h = attn.forward(&h, context, lora)?;
-            }
-        }
-        if let (Some(up), Some(size)) = (&self.upsampler, upsample_size) {
-            h = up.forward(&h, size, lora)?;
-        }
-        Ok(h)
     }
 }

@@ -2,6 +2,7 @@
 
 mod blocks;
 mod embeddings;
+mod pass;
 mod resnet;
 mod transformer;
 
@@ -9,12 +10,15 @@ use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 use self::blocks::{BlockConfig, DownBlock, MidBlock, UpBlock};
-use self::embeddings::{timestep_features, TimestepEmbedding};
+use self::embeddings::TimestepEmbedding;
+use self::pass::Layer;
+pub use self::pass::UNetPass;
 use self::resnet::ResnetConfig;
 use self::transformer::TransformerConfig;
 use crate::lora::LoraSet;
 use crate::model::config::UNetConfig;
 use crate::model::nn::{Conv2d, GroupNorm};
+use crate::model::staged::run_to_one;
 
 /// The noise-prediction UNet: `forward(latents, t, text_embeddings) → ε` (or v).
 #[derive(Clone, Debug)]
@@ -27,6 +31,8 @@ pub struct UNet2DConditionModel {
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
     config: UNetConfig,
+    /// The forward pass's layers (see [`UNetPass`]).
+    layers: Vec<Layer>,
 }
 
 impl UNet2DConditionModel {
@@ -109,7 +115,7 @@ impl UNet2DConditionModel {
         }
 
         let out_pad = (c.conv_out_kernel - 1) / 2;
-        Ok(Self {
+        let mut unet = Self {
             conv_in,
             time_embedding,
             down_blocks,
@@ -118,7 +124,10 @@ impl UNet2DConditionModel {
             conv_norm_out: GroupNorm::new(vb.pp("conv_norm_out"), c.norm_num_groups, boc[0], c.norm_eps)?,
             conv_out: Conv2d::new(vb.pp("conv_out"), boc[0], c.out_channels, c.conv_out_kernel, 1, out_pad, true)?,
             config: config.clone(),
-        })
+            layers: Vec::new(),
+        };
+        unet.layers = unet.build_layers();
+        Ok(unet)
     }
 
     pub fn config(&self) -> &UNetConfig {
@@ -133,42 +142,6 @@ impl UNet2DConditionModel {
 
     /// [`Self::forward`] with one timestep per batch item (training).
     pub fn forward_timesteps(&self, sample: &Tensor, timesteps: &[f64], context: &Tensor, lora: &LoraSet) -> Result<Tensor> {
-        if timesteps.len() != sample.dim(0)? {
-            candle_core::bail!("unet: {} timesteps for a batch of {}", timesteps.len(), sample.dim(0)?);
-        }
-        let c = &self.config;
-        let t = timestep_features(
-            timesteps,
-            c.block_out_channels[0],
-            c.flip_sin_to_cos,
-            c.freq_shift,
-            sample.dtype(),
-            sample.device(),
-        )?;
-        let temb = self.time_embedding.forward(&t, lora)?;
-
-        let mut h = self.conv_in.forward(sample, lora)?;
-        let mut skips = vec![h.clone()];
-        for block in &self.down_blocks {
-            let (out, states) = block.forward(&h, &temb, context, lora)?;
-            h = out;
-            skips.extend(states);
-        }
-        if let Some(mid) = &self.mid_block {
-            h = mid.forward(&h, &temb, context, lora)?;
-        }
-        for block in &self.up_blocks {
-            let remaining = skips.len().saturating_sub(block.num_skips());
-            let size = match remaining {
-                0 => None,
-                _ => {
-                    let (_, _, sh, sw) = skips[remaining - 1].dims4()?;
-                    Some((sh, sw))
-                }
-            };
-            h = block.forward(&h, &mut skips, &temb, context, size, lora)?;
-        }
-        let h = self.conv_norm_out.forward(&h)?.silu()?;
-        self.conv_out.forward(&h, lora)
+        run_to_one(&self.pass(timesteps, context, lora), sample.clone())
     }
 }
