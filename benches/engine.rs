@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Device};
-use sdserve::align::backprop::{full_graph, recompute, Trajectory};
-use sdserve::engine::pipeline::{GenerateParams, StableDiffusion};
+use sdserve::align::backprop::{full_graph, recompute, Objective, Trajectory};
+use sdserve::engine::pipeline::{to_pixels, GenerateParams, StableDiffusion};
 use sdserve::engine::noise::NoiseRng;
 use sdserve::engine::scheduler::Ddim;
 use sdserve::lora::{LoraSet, PipelineLora, TrainableLora};
@@ -52,14 +52,16 @@ fn main() -> anyhow::Result<()> {
     let lora = TrainableLora::new(&targets, 4, 4.0, &mut NoiseRng::new(3), DType::F32, &Device::Cpu)?;
     let scheduler = Ddim::new(&sd.scheduler_config, 10, 0.0)?;
     let traj = Trajectory { unet: &sd.unet, scheduler: &scheduler, context: &context, guidance_scale: 7.5, step_noise: vec![] };
-    let objective = |x0: &candle_core::Tensor| {
-        let r = Brightness.score(&sd.decode(x0)?, &[])?;
+    let score = |decoded: &candle_core::Tensor| {
+        let r = Brightness.score(&to_pixels(decoded)?, &[])?;
         Ok((r.mean_all()?.neg()?, r))
     };
+    let decoder = sd.vae.scaled_decoder();
+    let objective = Objective { decoder: &decoder, score: &score };
     let x_t = NoiseRng::new(4).randn((1, 4, 16, 16), DType::F32, &Device::Cpu)?;
     for k in [1, 2] {
         bench(&format!("truncated training step, 10 steps, K={k}"), 2, || {
-            recompute(&traj, &lora, &x_t, k, &objective).unwrap();
+            recompute(&traj, &lora, &x_t, &[k], &objective).unwrap();
         });
         bench(&format!("  same, one graph through all K={k} steps"), 2, || {
             full_graph(&traj, &lora, &x_t, k, &objective).unwrap();

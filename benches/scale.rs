@@ -11,8 +11,9 @@
 //! the same rows in diffusers / PyTorch, interleaved, and prints the ratios.
 //!
 //! Rows: `text`, `unet@SIZE`, `vae@SIZE`, `generate@SIZE/sSTEPS` and
-//! `align@SIZE/kK/sSTEPS[/bBATCH]` (one optimiser step: DDIM `STEPS` steps from seeded
-//! noise, gradient through the last `K`, brightness reward, AdamW). `--in-process` runs the
+//! `align@SIZE/kK/sSTEPS[/bBATCH]` (one optimiser step as `sdserve align` takes it: DDIM
+//! `STEPS` steps from the initial latents, gradient through the last `K`, brightness reward,
+//! clipping, AdamW; the batch's trajectories share each UNet call). `--in-process` runs the
 //! rows here and prints one JSON line each (what the script reads).
 
 use std::path::{Path, PathBuf};
@@ -20,17 +21,17 @@ use std::process::Command;
 use std::str::FromStr;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
-use sdserve::align::backprop::{recompute, Trajectory};
 use sdserve::align::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use sdserve::align::trainer::{backprop_batch, Batch};
 use sdserve::engine::denoise::guided_noise_pred;
 use sdserve::engine::noise::NoiseRng;
 use sdserve::engine::pipeline::{GenerateParams, StableDiffusion};
 use sdserve::engine::scheduler::Ddim;
 use sdserve::lora::{LoraSet, PipelineLora, TrainableLora};
-use sdserve::rewards::{pixel::Brightness, Reward};
+use sdserve::rewards::{pixel::Brightness, WeightedRewards};
 use serde_json::json;
 
 const PROMPT: &str = "a photo of an astronaut riding a horse on the moon";
@@ -186,21 +187,20 @@ fn run_row(sd: &StableDiffusion, row: &Row, args: &Args) -> Result<serde_json::V
             timed(args.reps, || scalar(&sd.generate(&params, &PipelineLora::default(), &mut |_, _| Ok(()))?.mean_all()?))?
         }
         Row::Align { size, k, steps, batch } => {
-            if batch != 1 {
-                bail!("align rows take batch 1");
-            }
             let targets = sdserve::align::attention_targets(&sd.lora_targets);
             let lora = TrainableLora::new(&targets, 4, 4.0, &mut NoiseRng::new(3), sd.dtype, &sd.device)?;
             let mut opt = AdamW::new(lora.vars().into_iter().cloned().collect(), AdamWConfig { weight_decay: 1e-4, ..Default::default() })?;
             let scheduler = Ddim::new(&sd.scheduler_config, steps, 0.0)?;
-            let traj = Trajectory { unet: &sd.unet, scheduler: &scheduler, context: &context, guidance_scale: GUIDANCE, step_noise: vec![] };
-            let objective = |x0: &Tensor| {
-                let r = Brightness.score(&sd.decode(x0)?, &[])?;
-                Ok((r.mean_all()?.neg()?, r))
+            let rewards = WeightedRewards::new(vec![(Box::new(Brightness), 1.0)]);
+            let batch = Batch {
+                prompts: vec![PROMPT.to_string(); batch],
+                contexts: vec![context.clone(); batch],
+                x_t: latents(sd, inputs, size, batch)?,
+                step_noise: vec![],
+                ks: vec![k; batch],
             };
-            let x_t = latents(sd, inputs, size, batch)?;
             timed(args.reps, || {
-                let mut bp = recompute(&traj, &lora, &x_t, k, &objective)?;
+                let mut bp = backprop_batch(sd, &scheduler, GUIDANCE, &batch, &rewards, &lora)?;
                 clip_grad_norm(&mut bp.grads, 1.0)?;
                 opt.step(&bp.grads)?;
                 Ok(bp.loss)

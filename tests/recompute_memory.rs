@@ -1,4 +1,4 @@
-//! The step-by-step recompute holds one step's graph at a time: same gradient as the full
+//! The layer-by-layer recompute holds one layer's graph at a time: same gradient as the full
 //! graph at lower peak heap use (measured with a counting global allocator).
 
 mod common;
@@ -7,7 +7,7 @@ mod training;
 
 use candle_core::{DType, Device, Tensor};
 use sdserve::align::attention_targets;
-use sdserve::align::backprop::{full_graph, recompute, Backprop, Trajectory};
+use sdserve::align::backprop::{full_graph, recompute, Backprop, Objective, Trajectory};
 use sdserve::engine::noise::NoiseRng;
 use sdserve::engine::scheduler::Ddim;
 use sdserve::lora::TrainableLora;
@@ -25,11 +25,12 @@ fn recompute_uses_less_peak_memory_for_the_same_gradient() {
     let scheduler = Ddim::new(&fx.scheduler, 4, 0.0).unwrap();
     let traj = Trajectory { unet: &fx.unet, scheduler: &scheduler, context: &fx.context, guidance_scale: 7.5, step_noise: vec![] };
     let x_t = NoiseRng::new(4).randn((1, 4, 16, 16), DType::F32, &Device::Cpu).unwrap();
-    let obj = |x0: &Tensor| {
-        let img = ((fx.vae.decode(&(x0 / 0.18215)?)? / 2.0)? + 0.5)?;
-        let r = img.flatten_from(1)?.mean(1)?;
+    let score = |decoded: &Tensor| {
+        let r = ((decoded / 2.0)? + 0.5)?.flatten_from(1)?.mean(1)?;
         Ok((r.mean_all()?.neg()?, r))
     };
+    let decoder = fx.vae.scaled_decoder();
+    let obj = Objective { decoder: &decoder, score: &score };
     let measure = |f: &dyn Fn() -> Backprop| {
         let base = ALLOC.current();
         ALLOC.reset_peak();
@@ -37,7 +38,7 @@ fn recompute_uses_less_peak_memory_for_the_same_gradient() {
         (out, ALLOC.peak() - base)
     };
     let (full, full_peak) = measure(&|| full_graph(&traj, &lora, &x_t, 3, &obj).unwrap());
-    let (chained, chained_peak) = measure(&|| recompute(&traj, &lora, &x_t, 3, &obj).unwrap());
+    let (chained, chained_peak) = measure(&|| recompute(&traj, &lora, &x_t, &[3], &obj).unwrap());
     println!("peak heap: full graph {:.1} MB, recompute {:.1} MB", full_peak as f64 / 1e6, chained_peak as f64 / 1e6);
     let mut worst: f32 = 0.0;
     for (a, b) in full.grads.iter().zip(&chained.grads) {

@@ -46,6 +46,21 @@ fn vae_decode_matches_diffusers() {
     assert!(err <= 1e-4, "vae decode max abs err {err}");
 }
 
+/// Each image of a batch decodes as it does alone (the mid-block attention once mixed up the
+/// rows after the first), and `decode_scaled` divides by the scaling factor.
+#[test]
+fn vae_decodes_every_batch_item_as_alone() {
+    let vae = load(DType::F32);
+    let latents = common::components()["vae_latents"].clone();
+    let other = (latents.flip(&[3]).unwrap() * 0.5).unwrap();
+    let batch = vae.decode_scaled(&Tensor::cat(&[&latents, &other], 0).unwrap()).unwrap();
+    for (i, z) in [&latents, &other].into_iter().enumerate() {
+        let alone = vae.decode(&(z / config().scaling_factor).unwrap()).unwrap();
+        let diff = (alone - batch.narrow(0, i, 1).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff <= 1e-5, "batch item {i} differs by {diff}");
+    }
+}
+
 #[test]
 fn vae_reads_legacy_attention_names() {
     // SD 1.5 / 2.1 files: query/key/value/proj_attn, here stored as 1×1 conv kernels.

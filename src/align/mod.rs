@@ -1,6 +1,7 @@
 //! AlignProp: reward backpropagation through the last denoising steps into LoRA weights.
 //!
-//! - [`backprop`]: truncated backprop through DDIM, full-graph and step-recompute.
+//! - [`backprop`]: truncated backprop through a batch of DDIM trajectories, full-graph and
+//!   layer-by-layer recompute ([`chain`]: chained vector-Jacobian products).
 //! - [`optim`]: AdamW and gradient clipping; [`trainer`]: the training loop;
 //!   [`validation`]: keeping the best state on a validation set.
 //! - [`request`] and [`prompts`]: the job request and built-in prompt sets.
@@ -8,6 +9,7 @@
 //!   from request to saved adapter.
 
 pub mod backprop;
+pub mod chain;
 pub mod jobs;
 pub mod optim;
 pub mod prompts;

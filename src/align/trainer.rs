@@ -10,11 +10,12 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::backprop::{recompute, Trajectory};
+use super::backprop::{recompute, Backprop, Objective, Trajectory};
 use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use super::validation::{Selection, Validation, Validator};
 use crate::engine::noise::NoiseRng;
-use crate::engine::pipeline::StableDiffusion;
+use crate::engine::denoise::uses_guidance;
+use crate::engine::pipeline::{to_pixels, StableDiffusion};
 use crate::engine::scheduler::Ddim;
 use crate::lora::{LoraSet, TrainableLora};
 use crate::rewards::WeightedRewards;
@@ -158,7 +159,6 @@ pub fn train(
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let mut opt = AdamW::new(lora.vars().into_iter().cloned().collect(), cfg.adamw)?;
     let started = Instant::now();
-    let samples_per_step = cfg.batch_size * cfg.grad_accum;
     let mut validator = cfg.validation.map(|v| Validator::new(sd, cfg, v, rewards, lora)).transpose()?;
     let mut stop = StopReason::Completed;
 
@@ -166,24 +166,9 @@ pub fn train(
         let t0 = Instant::now();
         let mut grads: Option<Vec<Tensor>> = None;
         let (mut rewards_seen, mut loss_sum) = (Vec::new(), 0.0);
-        for _ in 0..samples_per_step {
-            let prompt = cfg.prompts[rng.random_range(0..cfg.prompts.len())].clone();
-            let context = prompts.get(&prompt)?;
-            let mut noise = NoiseRng::new(rng.random());
-            let x_t = noise.randn(shape, sd.dtype, &sd.device)?;
-            let step_noise = if cfg.eta > 0.0 {
-                (0..cfg.sampler_steps).map(|_| noise.randn(shape, sd.dtype, &sd.device).map(Some)).collect::<candle_core::Result<_>>()?
-            } else {
-                vec![]
-            };
-            let traj = Trajectory { unet: &sd.unet, scheduler: &scheduler, context: &context, guidance_scale: cfg.guidance_scale, step_noise };
-            let prompt_list = [prompt];
-            let objective = |x0: &Tensor| {
-                let r = rewards.score(&sd.decode(x0)?, &prompt_list)?;
-                Ok((r.mean_all()?.neg()?, r))
-            };
-            let k = cfg.truncation.draw(&mut rng);
-            let bp = recompute(&traj, lora, &x_t, k, &objective)?;
+        for _ in 0..cfg.grad_accum {
+            let batch = draw_batch(sd, cfg, shape, &mut prompts, &mut rng)?;
+            let bp = backprop_batch(sd, &scheduler, cfg.guidance_scale, &batch, rewards, lora)?;
             loss_sum += bp.loss;
             rewards_seen.extend(bp.rewards);
             grads = Some(match grads {
@@ -192,8 +177,8 @@ pub fn train(
             });
         }
         let mut grads: Vec<Tensor> =
-            grads.unwrap_or_default().iter().map(|g| g / samples_per_step as f64).collect::<candle_core::Result<_>>()?;
-        let loss = loss_sum / samples_per_step as f64;
+            grads.unwrap_or_default().iter().map(|g| g / cfg.grad_accum as f64).collect::<candle_core::Result<_>>()?;
+        let loss = loss_sum / cfg.grad_accum as f64;
         let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
         if !loss.is_finite() || !grad_norm.is_finite() {
             bail!("non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}");
@@ -215,6 +200,73 @@ pub fn train(
     }
     let selection = validator.map(|v| v.restore_best(lora)).transpose()?;
     Ok(TrainOutcome { stop, selection })
+}
+
+/// The trajectories of one micro-batch, sampled together.
+pub struct Batch {
+    pub prompts: Vec<String>,
+    /// Each trajectory's text embeddings, as [`StableDiffusion::text_embeddings`] returns them.
+    pub contexts: Vec<Tensor>,
+    /// Initial noise `[B, C, h, w]`.
+    pub x_t: Tensor,
+    /// DDIM noise per step `[B, C, h, w]` when eta > 0 (empty otherwise).
+    pub step_noise: Vec<Option<Tensor>>,
+    /// Final steps carrying gradient, per trajectory.
+    pub ks: Vec<usize>,
+}
+
+/// Draws a micro-batch from `rng`, trajectory by trajectory: prompt, noise seed, truncation.
+fn draw_batch(sd: &StableDiffusion, cfg: &AlignConfig, shape: (usize, usize, usize, usize), prompts: &mut PromptCache, rng: &mut ChaCha8Rng) -> Result<Batch> {
+    let mut batch = Batch { prompts: vec![], contexts: vec![], x_t: Tensor::zeros(0, sd.dtype, &sd.device)?, step_noise: vec![], ks: vec![] };
+    let (mut starts, mut noises): (Vec<Tensor>, Vec<Vec<Tensor>>) = (vec![], vec![]);
+    for _ in 0..cfg.batch_size {
+        let prompt = cfg.prompts[rng.random_range(0..cfg.prompts.len())].clone();
+        batch.contexts.push(prompts.get(&prompt)?);
+        batch.prompts.push(prompt);
+        let mut noise = NoiseRng::new(rng.random());
+        starts.push(noise.randn(shape, sd.dtype, &sd.device)?);
+        if cfg.eta > 0.0 {
+            noises.push((0..cfg.sampler_steps).map(|_| noise.randn(shape, sd.dtype, &sd.device)).collect::<candle_core::Result<_>>()?);
+        }
+        batch.ks.push(cfg.truncation.draw(rng));
+    }
+    batch.x_t = Tensor::cat(&starts, 0)?;
+    if cfg.eta > 0.0 {
+        batch.step_noise = (0..cfg.sampler_steps)
+            .map(|i| Tensor::cat(&noises.iter().map(|n| &n[i]).collect::<Vec<_>>(), 0).map(Some))
+            .collect::<candle_core::Result<_>>()?;
+    }
+    Ok(batch)
+}
+
+/// Per-trajectory text embeddings stacked for one batched UNet call: with guidance the
+/// unconditional rows of every trajectory first, then their prompts.
+fn batch_context(contexts: &[Tensor], guidance_scale: f64) -> candle_core::Result<Tensor> {
+    if !uses_guidance(guidance_scale) {
+        return Tensor::cat(contexts, 0);
+    }
+    let rows = |r: usize| contexts.iter().map(|c| c.narrow(0, r, 1)).collect::<candle_core::Result<Vec<_>>>();
+    Tensor::cat(&[rows(0)?, rows(1)?].concat(), 0)
+}
+
+/// The loss (minus the mean weighted reward) of a micro-batch and its LoRA gradient, the
+/// trajectories sharing each UNet call and the backward pass recomputing layer by layer.
+pub fn backprop_batch(
+    sd: &StableDiffusion,
+    scheduler: &Ddim,
+    guidance_scale: f64,
+    batch: &Batch,
+    rewards: &WeightedRewards,
+    lora: &TrainableLora,
+) -> Result<Backprop> {
+    let context = batch_context(&batch.contexts, guidance_scale)?;
+    let traj = Trajectory { unet: &sd.unet, scheduler, context: &context, guidance_scale, step_noise: batch.step_noise.clone() };
+    let score = |decoded: &Tensor| {
+        let r = rewards.score(&to_pixels(decoded)?, &batch.prompts)?;
+        Ok((r.mean_all()?.neg()?, r))
+    };
+    let decoder = sd.vae.scaled_decoder();
+    Ok(recompute(&traj, lora, &batch.x_t, &batch.ks, &Objective { decoder: &decoder, score: &score })?)
 }
 
 /// Mean and population standard deviation.

@@ -5,11 +5,12 @@ use candle_core::{Result, Tensor};
 use crate::lora::LoraSet;
 use crate::model::unet::UNet2DConditionModel;
 
-/// Runs the UNet on `latents` (`[1, C, h, w]`, already scaled for the scheduler) and applies
+/// Runs the UNet on `latents` (`[B, C, h, w]`, already scaled for the scheduler) and applies
 /// classifier-free guidance.
 ///
-/// `context` is `[2, T, D]` (unconditional first) when `guidance_scale > 1`, else `[1, T, D]`
-/// with the prompt alone, exactly as diffusers skips guidance at a scale of 1 or below.
+/// `context` is `[2B, T, D]` (the B unconditional rows first) when `guidance_scale > 1`, else
+/// `[B, T, D]` with the prompts alone, exactly as diffusers skips guidance at a scale of 1 or
+/// below.
 pub fn guided_noise_pred(
     unet: &UNet2DConditionModel,
     latents: &Tensor,
@@ -18,13 +19,27 @@ pub fn guided_noise_pred(
     guidance_scale: f64,
     lora: &LoraSet,
 ) -> Result<Tensor> {
-    if !uses_guidance(guidance_scale) {
-        return unet.forward(latents, timestep, context, lora);
+    let pred = unet.forward(&guidance_input(latents, guidance_scale)?, timestep, context, lora)?;
+    combine_guidance(&pred, guidance_scale)
+}
+
+/// The UNet input for [`combine_guidance`]: the latents twice when guidance is on.
+pub fn guidance_input(latents: &Tensor, guidance_scale: f64) -> Result<Tensor> {
+    if uses_guidance(guidance_scale) {
+        Tensor::cat(&[latents, latents], 0)
+    } else {
+        Ok(latents.clone())
     }
-    let input = Tensor::cat(&[latents, latents], 0)?;
-    let pred = unet.forward(&input, timestep, context, lora)?;
-    let uncond = pred.narrow(0, 0, 1)?;
-    let cond = pred.narrow(0, 1, 1)?;
+}
+
+/// `uncond + scale · (cond − uncond)` from a UNet output whose first half is unconditional.
+pub fn combine_guidance(pred: &Tensor, guidance_scale: f64) -> Result<Tensor> {
+    if !uses_guidance(guidance_scale) {
+        return Ok(pred.clone());
+    }
+    let b = pred.dim(0)? / 2;
+    let uncond = pred.narrow(0, 0, b)?;
+    let cond = pred.narrow(0, b, b)?;
     uncond.clone() + ((cond - uncond)? * guidance_scale)?
 }
 

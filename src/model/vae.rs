@@ -97,7 +97,9 @@ impl AttentionBlock {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let hs = self.group_norm.forward(x)?.reshape((b, c, h * w))?.transpose(1, 2)?;
+        // Contiguous: candle's batched matmul against the broadcast weight misreads the
+        // transposed layout for batch items after the first.
+        let hs = self.group_norm.forward(x)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
         let heads = |l: &candle_nn::Linear| l.forward(&hs)?.unsqueeze(1);
         let y =
             attention(&heads(&self.to_q)?, &heads(&self.to_k)?, &heads(&self.to_v)?, None, true)?;
