@@ -7,6 +7,7 @@ use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::lora::LoraSet;
+use crate::model::ops;
 
 /// A linear layer that may carry LoRA deltas, looked up by its module path at forward time.
 #[derive(Clone, Debug)]
@@ -118,19 +119,58 @@ impl LayerNorm {
     }
 }
 
-/// Softmax over the last dimension; the fused kernel only when no gradient is needed.
+/// Softmax over the last dimension: the fused kernel with its backward pass on the CPU;
+/// elsewhere candle's fused op when no gradient is needed, else the composed one.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if x.track_op() || x.dtype() == DType::F64 {
+    if ops::kernels_for(x) {
+        ops::softmax::softmax_last_dim(&x.to_dtype(ops::kernel_dtype(x.dtype()))?)?.to_dtype(x.dtype())
+    } else if x.track_op() || x.dtype() == DType::F64 {
         candle_nn::ops::softmax(x, D::Minus1)
     } else {
         candle_nn::ops::softmax_last_dim(x)
     }
 }
 
+/// Score elements per query chunk of the composed attention when no gradient is needed.
+const COMPOSED_CHUNK_SCORES: usize = 1 << 26;
+
 /// Scaled dot-product attention over `[batch, heads, seq, head_dim]` tensors, with an
-/// optional additive mask broadcast onto the `[batch, heads, q_len, k_len]` scores. `upcast`
-/// computes the scores in f32 for half-precision inputs (diffusers' `upcast_attention`).
+/// optional constant additive mask broadcast onto the `[batch, heads, q_len, k_len]` scores.
+/// On the CPU a memory-efficient kernel computes it (half precision in f32); elsewhere
+/// `upcast` computes the scores in f32 for half-precision inputs (diffusers'
+/// `upcast_attention`) and, without gradient, queries are processed in chunks.
 pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    upcast: bool,
+) -> Result<Tensor> {
+    if ops::kernels_for(q) && !mask.is_some_and(Tensor::track_op) {
+        let dt = ops::kernel_dtype(q.dtype());
+        let out = ops::attention::attention(&q.to_dtype(dt)?, &k.to_dtype(dt)?, &v.to_dtype(dt)?, mask)?;
+        return out.to_dtype(q.dtype());
+    }
+    let (b, h, q_len, _) = q.dims4()?;
+    let rows = (COMPOSED_CHUNK_SCORES / (b * h * k.dim(2)?).max(1)).max(1);
+    if q.track_op() || k.track_op() || v.track_op() || rows >= q_len {
+        return composed_attention(q, k, v, mask, upcast);
+    }
+    let chunks = (0..q_len)
+        .step_by(rows)
+        .map(|r| {
+            let n = rows.min(q_len - r);
+            let m = match mask {
+                Some(m) => Some(m.broadcast_as((b, h, q_len, k.dim(2)?))?.narrow(2, r, n)?),
+                None => None,
+            };
+            composed_attention(&q.narrow(2, r, n)?, k, v, m.as_ref(), upcast)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&chunks, 2)
+}
+
+fn composed_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
