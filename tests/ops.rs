@@ -111,3 +111,64 @@ fn attention_gradients_match_finite_differences() {
         nn::attention(&heads(&t[0], 2), &heads(&t[1], 2), &heads(&t[2], 2), Some(&mask), false).unwrap()
     });
 }
+
+fn norm_params(c: usize, dtype: DType, seed: u64) -> (Tensor, Tensor) {
+    let w = randn(seed, &[c], dtype).affine(0.5, 1.0).unwrap();
+    let b = (randn(seed + 1, &[c], dtype) * 0.5).unwrap();
+    (w, b)
+}
+
+fn group_norm(x: &Tensor, w: &Tensor, b: &Tensor, groups: usize, silu: bool) -> Tensor {
+    let vb = candle_nn::VarBuilder::from_tensors(
+        [("weight".to_string(), w.clone()), ("bias".to_string(), b.clone())].into(),
+        x.dtype(),
+        &Device::Cpu,
+    );
+    let gn = nn::GroupNorm::new(vb, groups, w.dim(0).unwrap(), 1e-5).unwrap();
+    if silu {
+        gn.forward_silu(x).unwrap()
+    } else {
+        gn.forward(x).unwrap()
+    }
+}
+
+fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
+    let vb = candle_nn::VarBuilder::from_tensors(
+        [("weight".to_string(), w.clone()), ("bias".to_string(), b.clone())].into(),
+        x.dtype(),
+        &Device::Cpu,
+    );
+    nn::LayerNorm::new(vb, w.dim(0).unwrap(), 1e-5).unwrap().forward(x).unwrap()
+}
+
+#[test]
+fn norms_match_composed() {
+    for dtype in [DType::F32, DType::F64] {
+        let tol = if dtype == DType::F32 { 3e-5 } else { 1e-12 };
+        let x = randn(1, &[2, 12, 9, 7], dtype).affine(3.0, 1.0).unwrap();
+        let (w, b) = norm_params(12, dtype, 2);
+        for silu in [false, true] {
+            let fast = group_norm(&x, &w, &b, 4, silu);
+            let slow = with_composed_ops(|| group_norm(&x, &w, &b, 4, silu));
+            assert!(max_abs_diff(&fast, &slow) < tol, "group norm {dtype:?} silu {silu}: {}", max_abs_diff(&fast, &slow));
+        }
+        // A strided input (the transformer hands over permuted tokens).
+        let t = x.reshape((2, 12, 63)).unwrap().transpose(1, 2).unwrap();
+        let fast = layer_norm(&t, &w, &b);
+        let slow = with_composed_ops(|| layer_norm(&t, &w, &b));
+        assert!(max_abs_diff(&fast, &slow) < tol, "layer norm {dtype:?}: {}", max_abs_diff(&fast, &slow));
+    }
+}
+
+#[test]
+fn norm_gradients_match_finite_differences() {
+    for silu in [false, true] {
+        let v = vars(&[&[2, 6, 5, 3], &[6], &[6]], 20);
+        check_gradients(&format!("group norm (silu {silu})"), &v, |t| {
+            let w = (&t[1] + 1.0).unwrap();
+            group_norm(&(&t[0] * 2.0).unwrap(), &w, &t[2], 3, silu)
+        });
+    }
+    let v = vars(&[&[3, 4, 7], &[7], &[7]], 30);
+    check_gradients("layer norm", &v, |t| layer_norm(&t[0], &(&t[1] + 1.0).unwrap(), &t[2]));
+}

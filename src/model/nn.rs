@@ -83,21 +83,51 @@ impl Conv2d {
     }
 }
 
-/// Group normalisation over NCHW input (composed of differentiable ops; f16 computed in f32).
+/// Group normalisation over `[batch, channels, ...]` input: a fused kernel with its backward
+/// pass on the CPU (half precision computed in f32), the composed ops elsewhere.
 #[derive(Clone, Debug)]
-pub struct GroupNorm(candle_nn::GroupNorm);
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+    composed: candle_nn::GroupNorm,
+}
 
 impl GroupNorm {
     pub fn new(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<Self> {
-        Ok(Self(candle_nn::group_norm(groups, channels, eps, vb)?))
+        let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.))?;
+        let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.))?;
+        let composed = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?;
+        Ok(Self { weight, bias, groups, eps, composed })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.0.forward(x)
+        self.apply(x, false)
+    }
+
+    /// `silu(group_norm(x))`, in one pass on the CPU.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, true)
+    }
+
+    fn apply(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        if ops::kernels_for(x) {
+            let dt = ops::kernel_dtype(x.dtype());
+            let (w, b) = (self.weight.to_dtype(dt)?, self.bias.to_dtype(dt)?);
+            return ops::norm::group_norm(&x.to_dtype(dt)?, self.groups, &w, &b, self.eps, silu)?.to_dtype(x.dtype());
+        }
+        let y = self.composed.forward(x)?;
+        if silu {
+            y.silu()
+        } else {
+            Ok(y)
+        }
     }
 }
 
-/// Layer normalisation over the last dimension.
+/// Layer normalisation over the last dimension: a fused kernel with its backward pass on the
+/// CPU; elsewhere candle's fused op when no gradient is needed, else the composed one.
 #[derive(Clone, Debug)]
 pub struct LayerNorm {
     weight: Tensor,
@@ -111,7 +141,11 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.track_op() || x.dtype() == DType::F64 {
+        if ops::kernels_for(x) {
+            let dt = ops::kernel_dtype(x.dtype());
+            let (w, b) = (self.weight.to_dtype(dt)?, self.bias.to_dtype(dt)?);
+            ops::norm::layer_norm(&x.to_dtype(dt)?, &w, &b, self.eps)?.to_dtype(x.dtype())
+        } else if x.track_op() || x.dtype() == DType::F64 {
             candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps as f32)
         } else {
             candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)

@@ -10,7 +10,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{self, Float, Mat, SharedMut};
+use super::cpu::{self, simd_dispatch, Float, Mat, SharedMut};
 
 /// Score elements per chunk buffer (4 MiB of f32).
 const CHUNK_ELEMS: usize = 1 << 20;
@@ -92,6 +92,38 @@ impl<T: Float> MaskView<'_, T> {
     }
 }
 
+#[inline(always)]
+fn exp_rows_impl<T: Float>(s: &mut [T], k_len: usize, lse: &mut [T], inv: &mut [T]) {
+    for ((row, l), inv) in s.chunks_exact_mut(k_len).zip(lse.iter_mut()).zip(inv.iter_mut()) {
+        let m = cpu::max(row);
+        let total = cpu::exp_shifted(row, m);
+        *l = m + total.ln();
+        *inv = T::one() / total;
+    }
+}
+
+simd_dispatch! {
+    /// Replaces each score row by `e^(s − max)`; writes the row's log-sum-exp and `1 / Σ`.
+    fn exp_rows<T: Float>(s: &mut [T], k_len: usize, lse: &mut [T], inv: &mut [T]) = exp_rows_impl;
+}
+
+#[inline(always)]
+fn score_grads_impl<T: Float>(p: &mut [T], dp: &mut [T], k_len: usize, lse: &[T], go: &[T], o: &[T], v_dim: usize) {
+    for (i, (p, dp)) in p.chunks_exact_mut(k_len).zip(dp.chunks_exact_mut(k_len)).enumerate() {
+        cpu::exp_shifted(p, lse[i]);
+        let di = cpu::dot(&go[i * v_dim..(i + 1) * v_dim], &o[i * v_dim..(i + 1) * v_dim]);
+        for (dp, &p) in dp.iter_mut().zip(p.iter()) {
+            *dp = p * (*dp - di);
+        }
+    }
+}
+
+simd_dispatch! {
+    /// Turns scores into probabilities `P = e^(s − lse)` and `dP = dO·Vᵀ` into the score
+    /// gradient `dS = P ∘ (dP − rowsum(dO ∘ O))`, row by row.
+    fn score_grads<T: Float>(p: &mut [T], dp: &mut [T], k_len: usize, lse: &[T], go: &[T], o: &[T], v_dim: usize) = score_grads_impl;
+}
+
 /// The attention op; `mask` (constant) is already broadcast to the scores' shape.
 struct Attention {
     scale: f64,
@@ -153,14 +185,7 @@ impl Attention {
                 // SAFETY: each task owns rows `row0..row0 + rows` of head `bh`.
                 let (o, l) = unsafe { (out_w.slice(row_start * d.v_dim, rows * d.v_dim), lse_w.slice(row_start, rows)) };
                 let mut inv = [T::zero(); MAX_CHUNK];
-                cpu::vectorized(|| {
-                    for ((row, l), inv) in s.chunks_exact_mut(d.k_len).zip(l.iter_mut()).zip(inv.iter_mut()) {
-                        let m = cpu::max(row);
-                        let total = cpu::exp_shifted(row, m);
-                        *l = m + total.ln();
-                        *inv = T::one() / total;
-                    }
-                });
+                exp_rows(s, d.k_len, l, &mut inv);
                 cpu::gemm((rows, d.v_dim, d.k_len), o, 0, d.v_dim, false, Mat::rows(s, 0, d.k_len), v.rows(bh, 0), T::one(), 1);
                 for (o, &inv) in o.chunks_exact_mut(d.v_dim).zip(inv.iter()) {
                     o.iter_mut().for_each(|x| *x *= inv);
@@ -209,16 +234,8 @@ impl Attention {
                                     let dp = &mut dp_buf[..rows * d.k_len];
                                     scores(p, &q, &k, mask.as_ref(), &d, bh, row0, rows, scale);
                                     cpu::gemm((rows, d.k_len, d.v_dim), dp, 0, d.k_len, false, go_c, v.rows(bh, 0).t(), T::one(), 1);
-                                    cpu::vectorized(|| {
-                                        for (i, (p, dp)) in p.chunks_exact_mut(d.k_len).zip(dp.chunks_exact_mut(d.k_len)).enumerate() {
-                                            let r = row_start + i;
-                                            cpu::exp_shifted(p, lse[r]);
-                                            let di = cpu::dot(&go[r * d.v_dim..(r + 1) * d.v_dim], &o[r * d.v_dim..(r + 1) * d.v_dim]);
-                                            for (dp, &p) in dp.iter_mut().zip(p.iter()) {
-                                                *dp = p * (*dp - di);
-                                            }
-                                        }
-                                    });
+                                    let (go_rows, o_rows) = (&go[row_start * d.v_dim..], &o[row_start * d.v_dim..]);
+                                    score_grads(p, dp, d.k_len, &lse[row_start..row_start + rows], go_rows, o_rows, d.v_dim);
                                     // dv += Pᵀ·dO, dq = scale·dS·K, dk += scale·dSᵀ·Q.
                                     cpu::gemm((d.k_len, d.v_dim, rows), &mut dv, 0, d.v_dim, true, Mat::rows(p, 0, d.k_len).t(), go_c, T::one(), 1);
                                     // SAFETY: each chunk's dq rows are written by one task only.

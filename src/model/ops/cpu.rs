@@ -10,6 +10,12 @@ use gemm::Parallelism;
 pub trait Float: WithDType + num_traits::Float + std::iter::Sum + Send + Sync {
     /// `e^x`; for f32 a branch-free polynomial that the compiler vectorises (≤ 2 ulp).
     fn exp_fast(self) -> Self;
+
+    /// The value as f64.
+    #[inline(always)]
+    fn wide(self) -> f64 {
+        WithDType::to_f64(self)
+    }
 }
 
 impl Float for f64 {
@@ -47,11 +53,30 @@ impl Float for f32 {
     }
 }
 
-/// Runs `f` with the widest SIMD instruction set the CPU has enabled for the code it inlines.
-#[inline(always)]
-pub fn vectorized<R>(f: impl FnOnce() -> R) -> R {
-    pulp::Arch::new().dispatch(f)
+/// Defines `$name`, which runs the `#[inline(always)]` generic kernel `$imp` compiled for
+/// AVX2 + FMA when the CPU has them (chosen at run time), else for the build's baseline.
+macro_rules! simd_dispatch {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident<T: Float>($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? = $imp:ident;) => {
+        $(#[$meta])*
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name<T: Float>($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx2<T: Float>($($arg: $ty),*) $(-> $ret)? {
+                    $imp::<T>($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU supports the features `avx2` was compiled for.
+                    return unsafe { avx2::<T>($($arg),*) };
+                }
+            }
+            $imp::<T>($($arg),*)
+        }
+    };
 }
+pub(crate) use simd_dispatch;
 
 /// Number of threads the kernels split work over (candle's / rayon's setting).
 pub fn threads() -> usize {
@@ -238,20 +263,6 @@ pub fn max<T: Float>(xs: &[T]) -> T {
     best
 }
 
-/// Sum of a row, accumulated in eight lanes.
-#[inline(always)]
-pub fn sum<T: Float>(xs: &[T]) -> T {
-    let mut s = [T::zero(); 8];
-    let chunks = xs.chunks_exact(8);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for i in 0..8 {
-            s[i] += c[i];
-        }
-    }
-    tail.iter().fold(s.iter().copied().sum::<T>(), |a, &b| a + b)
-}
-
 /// Dot product of two rows, accumulated in eight lanes.
 #[inline(always)]
 pub fn dot<T: Float>(a: &[T], b: &[T]) -> T {
@@ -287,15 +298,16 @@ pub fn exp_shifted<T: Float>(xs: &mut [T], shift: T) -> T {
     total
 }
 
-/// `σ(x) = 1 / (1 + e^(−x))`.
-#[inline(always)]
-pub fn sigmoid<T: Float>(x: T) -> T {
-    T::one() / (T::one() + (-x).exp_fast())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[inline(always)]
+    fn exp_one<T: Float>(x: T) -> T {
+        x.exp_fast()
+    }
+
+    simd_dispatch! { fn exp_avx2<T: Float>(x: T) -> T = exp_one; }
 
     #[test]
     fn exp_fast_is_within_two_ulp_of_std() {
@@ -303,7 +315,7 @@ mod tests {
         let mut worst = (0u32, 0f32);
         for i in -1_984_000..=2_000_000 {
             let x = i as f32 * 4.4e-5;
-            let (a, b) = (vectorized(|| x.exp_fast()), x.exp());
+            let (a, b) = (exp_avx2(x), x.exp());
             let ulp = a.to_bits().abs_diff(b.to_bits());
             if ulp > worst.0 {
                 worst = (ulp, x);

@@ -8,6 +8,7 @@
 mod cpu;
 
 pub mod attention;
+pub mod norm;
 pub mod softmax;
 
 use std::cell::Cell;

@@ -168,7 +168,7 @@ impl UNet2DConditionModel {
             };
             h = block.forward(&h, &mut skips, &temb, context, size, lora)?;
         }
-        let h = self.conv_norm_out.forward(&h)?.silu()?;
+        let h = self.conv_norm_out.forward_silu(&h)?;
         self.conv_out.forward(&h, lora)
     }
 }
