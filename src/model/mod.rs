@@ -4,6 +4,7 @@
 pub mod clip;
 pub mod config;
 pub mod nn;
+pub mod ops;
 pub mod staged;
 pub mod tokenizer;
 pub mod unet;

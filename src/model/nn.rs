@@ -7,6 +7,7 @@ use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::lora::LoraSet;
+use crate::model::ops;
 
 /// A linear layer that may carry LoRA deltas, looked up by its module path at forward time.
 #[derive(Clone, Debug)]
@@ -82,21 +83,51 @@ impl Conv2d {
     }
 }
 
-/// Group normalisation over NCHW input (composed of differentiable ops; f16 computed in f32).
+/// Group normalisation over `[batch, channels, ...]` input: a fused kernel with its backward
+/// pass on the CPU (half precision computed in f32), the composed ops elsewhere.
 #[derive(Clone, Debug)]
-pub struct GroupNorm(candle_nn::GroupNorm);
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+    composed: candle_nn::GroupNorm,
+}
 
 impl GroupNorm {
     pub fn new(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<Self> {
-        Ok(Self(candle_nn::group_norm(groups, channels, eps, vb)?))
+        let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.))?;
+        let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.))?;
+        let composed = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?;
+        Ok(Self { weight, bias, groups, eps, composed })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.0.forward(x)
+        self.apply(x, false)
+    }
+
+    /// `silu(group_norm(x))`, in one pass on the CPU.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, true)
+    }
+
+    fn apply(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        if ops::kernels_for(x) {
+            let dt = ops::kernel_dtype(x.dtype());
+            let (w, b) = (self.weight.to_dtype(dt)?, self.bias.to_dtype(dt)?);
+            return ops::norm::group_norm(&x.to_dtype(dt)?, self.groups, &w, &b, self.eps, silu)?.to_dtype(x.dtype());
+        }
+        let y = self.composed.forward(x)?;
+        if silu {
+            y.silu()
+        } else {
+            Ok(y)
+        }
     }
 }
 
-/// Layer normalisation over the last dimension.
+/// Layer normalisation over the last dimension: a fused kernel with its backward pass on the
+/// CPU; elsewhere candle's fused op when no gradient is needed, else the composed one.
 #[derive(Clone, Debug)]
 pub struct LayerNorm {
     weight: Tensor,
@@ -110,7 +141,11 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.track_op() || x.dtype() == DType::F64 {
+        if ops::kernels_for(x) {
+            let dt = ops::kernel_dtype(x.dtype());
+            let (w, b) = (self.weight.to_dtype(dt)?, self.bias.to_dtype(dt)?);
+            ops::norm::layer_norm(&x.to_dtype(dt)?, &w, &b, self.eps)?.to_dtype(x.dtype())
+        } else if x.track_op() || x.dtype() == DType::F64 {
             candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps as f32)
         } else {
             candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)
@@ -118,19 +153,58 @@ impl LayerNorm {
     }
 }
 
-/// Softmax over the last dimension; the fused kernel only when no gradient is needed.
+/// Softmax over the last dimension: the fused kernel with its backward pass on the CPU;
+/// elsewhere candle's fused op when no gradient is needed, else the composed one.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if x.track_op() || x.dtype() == DType::F64 {
+    if ops::kernels_for(x) {
+        ops::softmax::softmax_last_dim(&x.to_dtype(ops::kernel_dtype(x.dtype()))?)?.to_dtype(x.dtype())
+    } else if x.track_op() || x.dtype() == DType::F64 {
         candle_nn::ops::softmax(x, D::Minus1)
     } else {
         candle_nn::ops::softmax_last_dim(x)
     }
 }
 
+/// Score elements per query chunk of the composed attention when no gradient is needed.
+const COMPOSED_CHUNK_SCORES: usize = 1 << 26;
+
 /// Scaled dot-product attention over `[batch, heads, seq, head_dim]` tensors, with an
-/// optional additive mask broadcast onto the `[batch, heads, q_len, k_len]` scores. `upcast`
-/// computes the scores in f32 for half-precision inputs (diffusers' `upcast_attention`).
+/// optional constant additive mask broadcast onto the `[batch, heads, q_len, k_len]` scores.
+/// On the CPU a memory-efficient kernel computes it (half precision in f32); elsewhere
+/// `upcast` computes the scores in f32 for half-precision inputs (diffusers'
+/// `upcast_attention`) and, without gradient, queries are processed in chunks.
 pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    upcast: bool,
+) -> Result<Tensor> {
+    if ops::kernels_for(q) && !mask.is_some_and(Tensor::track_op) {
+        let dt = ops::kernel_dtype(q.dtype());
+        let out = ops::attention::attention(&q.to_dtype(dt)?, &k.to_dtype(dt)?, &v.to_dtype(dt)?, mask)?;
+        return out.to_dtype(q.dtype());
+    }
+    let (b, h, q_len, _) = q.dims4()?;
+    let rows = (COMPOSED_CHUNK_SCORES / (b * h * k.dim(2)?).max(1)).max(1);
+    if q.track_op() || k.track_op() || v.track_op() || rows >= q_len {
+        return composed_attention(q, k, v, mask, upcast);
+    }
+    let chunks = (0..q_len)
+        .step_by(rows)
+        .map(|r| {
+            let n = rows.min(q_len - r);
+            let m = match mask {
+                Some(m) => Some(m.broadcast_as((b, h, q_len, k.dim(2)?))?.narrow(2, r, n)?),
+                None => None,
+            };
+            composed_attention(&q.narrow(2, r, n)?, k, v, m.as_ref(), upcast)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&chunks, 2)
+}
+
+fn composed_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,

@@ -45,8 +45,8 @@ impl ResnetBlock2D {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let lora = LoraSet::none();
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?, lora)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?, lora)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(x)?, lora)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?, lora)?;
         match &self.conv_shortcut {
             Some(c) => c.forward(x, lora)? + h,
             None => x + h,
@@ -235,7 +235,7 @@ impl OutHead {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.conv.forward(&self.norm.forward(x)?.silu()?, LoraSet::none())
+        self.conv.forward(&self.norm.forward_silu(x)?, LoraSet::none())
     }
 }
 

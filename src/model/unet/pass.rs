@@ -182,7 +182,7 @@ impl Staged for UNetPass<'_> {
             }
             Layer::Out => {
                 let [_temb, h] = unpack(top)?;
-                let h = unet.conv_norm_out.forward(&h)?.silu()?;
+                let h = unet.conv_norm_out.forward_silu(&h)?;
                 vec![unet.conv_out.forward(&h, lora)?]
             }
         })

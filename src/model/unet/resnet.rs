@@ -53,12 +53,12 @@ impl ResnetBlock2D {
     }
 
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>, lora: &LoraSet) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&self.norm1.forward(x)?.silu()?, lora)?;
+        let mut h = self.conv1.forward(&self.norm1.forward_silu(x)?, lora)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&temb.silu()?, lora)?.unsqueeze(2)?.unsqueeze(3)?;
             h = h.broadcast_add(&t)?;
         }
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?, lora)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?, lora)?;
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x, lora)?,
             None => x.clone(),
