@@ -227,6 +227,8 @@ fn ensure_model(dir: &Path) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    // `RUST_LOG=sdserve=debug` shows where an AlignProp step spends its time.
+    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_writer(std::io::stderr).init();
     let mut args = Args::parse();
     if args.rows.is_empty() {
         args.rows = DEFAULT_ROWS.split(',').map(|r| r.parse().expect("valid default row")).collect();

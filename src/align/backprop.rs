@@ -9,6 +9,8 @@
 //!
 //! The trajectories of a batch share each UNet call (batch 2B with guidance).
 
+use std::time::Instant;
+
 use candle_core::{DType, Result, Tensor, Var};
 
 use super::chain::{self, Tape};
@@ -163,6 +165,7 @@ pub fn recompute(traj: &Trajectory, lora: &TrainableLora, x_t: &Tensor, ks: &[us
     let len = traj.len();
     let first = len - ks.iter().copied().max().unwrap_or(1);
     let frozen = lora.detached_set();
+    let clock = Instant::now();
     let mut x = traj.run(0..first, &x_t.detach(), &frozen)?;
     let mut tapes = Vec::with_capacity(len - first);
     for i in first..len {
@@ -170,14 +173,19 @@ pub fn recompute(traj: &Trajectory, lora: &TrainableLora, x_t: &Tensor, ks: &[us
         x = tape_output(&tape)?;
         tapes.push(tape);
     }
+    tracing::debug!("{len} denoising steps in {:.2} s", clock.elapsed().as_secs_f64());
 
+    let clock = Instant::now();
     let decoded = chain::record(objective.decoder, vec![x])?;
     let images = Var::from_tensor(&tape_output(&decoded)?)?;
     let (loss, rewards) = (objective.score)(images.as_tensor())?;
     let image_grad = grad_or_zeros(&loss.backward()?, &images)?;
     let (loss, rewards) = summarize(&loss, &rewards)?;
     drop(images);
+    tracing::debug!("decode and reward with its backward in {:.2} s", clock.elapsed().as_secs_f64());
+    let clock = Instant::now();
     let mut upstream = chain::backward(objective.decoder, decoded, vec![Some(image_grad)], &[], &mut [])?.pop().flatten();
+    tracing::debug!("decoder backward in {:.2} s", clock.elapsed().as_secs_f64());
 
     let vars = lora.vars();
     let mut grads: Vec<Tensor> = vars.iter().map(|v| v.zeros_like()).collect::<Result<_>>()?;
@@ -192,7 +200,9 @@ pub fn recompute(traj: &Trajectory, lora: &TrainableLora, x_t: &Tensor, ks: &[us
             let mask = Tensor::from_vec(active, (ks.len(), 1, 1, 1), g.device())?.to_dtype(g.dtype())?;
             g.broadcast_mul(&mask)?
         };
+        let clock = Instant::now();
         upstream = chain::backward(&traj.step_pass(i, &live)?, tape, vec![Some(g)], &vars, &mut grads)?.pop().flatten();
+        tracing::debug!("step {i} backward in {:.2} s", clock.elapsed().as_secs_f64());
     }
     Ok(Backprop { loss, rewards, grads })
 }
