@@ -40,7 +40,9 @@ pub fn linear(x: &Tensor, layer: &candle_nn::Linear) -> Result<Tensor> {
     if ops::native(x) {
         ops::linear::linear(x, layer.weight(), layer.bias())
     } else {
-        layer.forward(x)
+        // candle-nn 0.11.1 multiplies a strided batched input by the broadcast weight, and
+        // that product's input gradient is wrong for batch > 1; contiguous input avoids it.
+        layer.forward(&x.contiguous()?)
     }
 }
 
