@@ -74,15 +74,24 @@ fn randn(seed: u64, shape: impl Into<Shape>) -> Result<Tensor> {
     NoiseRng::new(seed).randn(shape, DType::F32, &Device::Cpu)
 }
 
-/// Times `f` (after one warm-up) and prints a JSON line.
+/// CPU seconds (user + system) this process has used, from `/proc/self/stat`.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Times `f` (after one warm-up) and prints a JSON line with wall and CPU seconds per run.
 fn time(case: &str, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<()> {
     f()?;
-    let start = Instant::now();
+    let (start, cpu) = (Instant::now(), cpu_seconds());
     for _ in 0..reps {
         f()?;
     }
     let secs = start.elapsed().as_secs_f64() / reps as f64;
-    println!("{{\"case\": \"{case}\", \"secs\": {secs:.6}, \"reps\": {reps}}}");
+    let cpu = (cpu_seconds() - cpu) / reps as f64;
+    println!("{{\"case\": \"{case}\", \"secs\": {secs:.6}, \"cpu\": {cpu:.3}, \"reps\": {reps}}}");
     Ok(())
 }
 

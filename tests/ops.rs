@@ -172,3 +172,68 @@ fn norm_gradients_match_finite_differences() {
     let v = vars(&[&[3, 4, 7], &[7], &[7]], 30);
     check_gradients("layer norm", &v, |t| layer_norm(&t[0], &(&t[1] + 1.0).unwrap(), &t[2]));
 }
+
+fn conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, padding: usize) -> Tensor {
+    let (co, ci, k, _) = w.dims4().unwrap();
+    let mut ts = vec![("weight".to_string(), w.clone())];
+    if let Some(b) = b {
+        ts.push(("bias".to_string(), b.clone()));
+    }
+    let vb = candle_nn::VarBuilder::from_tensors(ts.into_iter().collect(), x.dtype(), &Device::Cpu);
+    nn::Conv2d::new(vb, ci, co, k, stride, padding, b.is_some())
+        .unwrap()
+        .forward(x, sdserve::lora::LoraSet::none())
+        .unwrap()
+}
+
+/// (kernel, stride, padding, height, width) of the convolutions the models use.
+const CONVS: [(usize, usize, usize, usize, usize); 6] =
+    [(3, 1, 1, 9, 7), (3, 2, 1, 9, 8), (3, 2, 0, 10, 9), (1, 1, 0, 5, 6), (3, 1, 0, 6, 5), (1, 2, 0, 7, 7)];
+
+#[test]
+fn linear_and_conv_match_composed() {
+    for dtype in [DType::F32, DType::F64] {
+        let tol = if dtype == DType::F32 { 2e-5 } else { 1e-12 };
+        let x = randn(1, &[2, 7, 11], dtype);
+        let (w, b) = (randn(2, &[5, 11], dtype), randn(3, &[5], dtype));
+        let lin = |x: &Tensor| nn::linear(x, &candle_nn::Linear::new(w.clone(), Some(b.clone()))).unwrap();
+        let diff = max_abs_diff(&lin(&x), &with_composed_ops(|| lin(&x)));
+        assert!(diff < tol, "linear {dtype:?}: {diff}");
+        for (k, s, p, h, wd) in CONVS {
+            let x = randn(4, &[2, 6, h, wd], dtype);
+            let (w, b) = (randn(5, &[4, 6, k, k], dtype), randn(6, &[4], dtype));
+            for bias in [None, Some(&b)] {
+                let fast = conv(&x, &w, bias, s, p);
+                let slow = with_composed_ops(|| conv(&x, &w, bias, s, p));
+                let diff = max_abs_diff(&fast, &slow);
+                assert!(diff < tol, "conv {dtype:?} k{k} s{s} p{p}: {diff}");
+            }
+        }
+    }
+}
+
+#[test]
+fn linear_and_conv_gradients_match_finite_differences() {
+    let v = vars(&[&[2, 3, 6], &[4, 6], &[4]], 40);
+    check_gradients("linear", &v, |t| nn::linear(&t[0], &candle_nn::Linear::new(t[1].clone(), Some(t[2].clone()))).unwrap());
+    for (i, (k, s, p, h, w)) in CONVS.into_iter().enumerate() {
+        let v = vars(&[&[2, 3, h, w], &[4, 3, k, k], &[4]], 50 + 10 * i as u64);
+        check_gradients(&format!("conv k{k} s{s} p{p}"), &v, |t| conv(&t[0], &t[1], Some(&t[2]), s, p));
+    }
+}
+
+/// A frozen (plain tensor) weight gets no gradient entry: the backward pass computes only
+/// the input's gradient.
+#[test]
+fn frozen_weights_get_no_gradient() {
+    let x = Var::from_tensor(&randn(1, &[1, 3, 6, 6], DType::F32)).unwrap();
+    let (w, b) = (randn(2, &[4, 3, 3, 3], DType::F32), randn(3, &[4], DType::F32));
+    let y = conv(x.as_tensor(), &w, Some(&b), 1, 1);
+    let lw = randn(4, &[5, 36], DType::F32);
+    let z = nn::linear(&y.flatten_from(2).unwrap(), &candle_nn::Linear::new(lw.clone(), None)).unwrap();
+    let grads = z.sum_all().unwrap().backward().unwrap();
+    assert!(grads.get(&x).is_some());
+    for t in [&w, &b, &lw] {
+        assert!(grads.get(t).is_none(), "a frozen weight got a gradient");
+    }
+}

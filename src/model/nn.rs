@@ -24,13 +24,25 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor, lora: &LoraSet) -> Result<Tensor> {
-        let mut y = self.inner.forward(x)?;
+        let mut y = linear(x, &self.inner)?;
         for d in lora.get(&self.path) {
             let down = candle_nn::Linear::new(d.down.to_dtype(x.dtype())?, None);
             let up = candle_nn::Linear::new(d.up.to_dtype(x.dtype())?, None);
-            y = (y + (up.forward(&down.forward(x)?)? * d.scale)?)?;
+            y = (y + (linear(&linear(x, &down)?, &up)? * d.scale)?)?;
         }
         Ok(y)
+    }
+}
+
+/// `x·Wᵀ + b` over the last dimension. On the CPU (f32/f64) its backward pass computes the
+/// weight and bias gradients only when they are trained, not for frozen weights.
+pub fn linear(x: &Tensor, layer: &candle_nn::Linear) -> Result<Tensor> {
+    if ops::native(x) {
+        ops::linear::linear(x, layer.weight(), layer.bias())
+    } else {
+        // candle-nn 0.11.1 multiplies a strided batched input by the broadcast weight, and
+        // that product's input gradient is wrong for batch > 1; contiguous input avoids it.
+        layer.forward(&x.contiguous()?)
     }
 }
 
@@ -60,23 +72,30 @@ impl Conv2d {
         Ok(Self { weight, bias, cfg, path: vb.prefix() })
     }
 
-    fn conv(&self, x: &Tensor, w: &Tensor, cfg: &candle_nn::Conv2dConfig) -> Result<Tensor> {
-        x.conv2d(w, cfg.padding, cfg.stride, cfg.dilation, cfg.groups)
+    /// `x ⋆ w (+ bias)`: on the CPU (f32/f64) through GEMM, with a backward pass that
+    /// computes the kernel and bias gradients only when they are trained.
+    fn conv(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, cfg: &candle_nn::Conv2dConfig) -> Result<Tensor> {
+        let square = w.dim(2)? == w.dim(3)?;
+        if ops::native(x) && square && cfg.dilation == 1 && cfg.groups == 1 {
+            return ops::conv::conv2d(x, w, bias, cfg.stride, cfg.padding);
+        }
+        let y = x.conv2d(w, cfg.padding, cfg.stride, cfg.dilation, cfg.groups)?;
+        match bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            None => Ok(y),
+        }
     }
 
     pub fn forward(&self, x: &Tensor, lora: &LoraSet) -> Result<Tensor> {
-        let mut y = self.conv(x, &self.weight, &self.cfg)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
-        }
+        let mut y = Self::conv(x, &self.weight, self.bias.as_ref(), &self.cfg)?;
         for d in lora.get(&self.path) {
             let as_kernel = |t: &Tensor| match t.rank() {
                 2 => t.to_dtype(x.dtype())?.unsqueeze(2)?.unsqueeze(3),
                 _ => t.to_dtype(x.dtype()),
             };
             let (down, up) = (as_kernel(&d.down)?, as_kernel(&d.up)?);
-            let h = self.conv(x, &down, &self.cfg)?;
-            let h = self.conv(&h, &up, &candle_nn::Conv2dConfig::default())?;
+            let h = Self::conv(x, &down, None, &self.cfg)?;
+            let h = Self::conv(&h, &up, None, &candle_nn::Conv2dConfig::default())?;
             y = (y + (h * d.scale)?)?;
         }
         Ok(y)

@@ -2,12 +2,12 @@
 //! only from differentiable ops so gradients can flow through the decoder.
 
 use anyhow::bail;
-use candle_core::{Module, Result, Tensor};
+use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::lora::LoraSet;
 use crate::model::config::VaeConfig;
-use crate::model::nn::{attention, Conv2d, GroupNorm};
+use crate::model::nn::{attention, linear, Conv2d, GroupNorm};
 use crate::model::staged::{run_to_one, Staged};
 
 /// GroupNorm epsilon of every VAE block (diffusers hard-codes 1e-6).
@@ -97,13 +97,11 @@ impl AttentionBlock {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        // Contiguous: candle's batched matmul against the broadcast weight misreads the
-        // transposed layout for batch items after the first.
-        let hs = self.group_norm.forward(x)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
-        let heads = |l: &candle_nn::Linear| l.forward(&hs)?.unsqueeze(1);
+        let hs = self.group_norm.forward(x)?.reshape((b, c, h * w))?.transpose(1, 2)?;
+        let heads = |l: &candle_nn::Linear| linear(&hs, l)?.unsqueeze(1);
         let y =
             attention(&heads(&self.to_q)?, &heads(&self.to_k)?, &heads(&self.to_v)?, None, true)?;
-        let y = self.to_out.forward(&y.squeeze(1)?)?;
+        let y = linear(&y.squeeze(1)?, &self.to_out)?;
         x + y.transpose(1, 2)?.reshape((b, c, h, w))?
     }
 }

@@ -179,8 +179,28 @@ impl<'a, T> Mat<'a, T> {
 /// from `dst_offset`; accumulates into `dst` when `accumulate`.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm<T: Float>(
-    (m, n, k): (usize, usize, usize),
+    dims: (usize, usize, usize),
     dst: &mut [T],
+    dst_offset: usize,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+    alpha: T,
+    threads: usize,
+) {
+    // SAFETY: `dst` is borrowed mutably for the whole call.
+    unsafe { gemm_shared(dims, &SharedMut::new(dst), dst_offset, dst_rs, accumulate, lhs, rhs, alpha, threads) }
+}
+
+/// [`gemm`] into a buffer shared between tasks.
+///
+/// # Safety
+/// No other thread may access the `m×n` destination elements during the call.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_shared<T: Float>(
+    (m, n, k): (usize, usize, usize),
+    dst: &SharedMut<T>,
     dst_offset: usize,
     dst_rs: usize,
     accumulate: bool,
@@ -194,39 +214,36 @@ pub fn gemm<T: Float>(
     }
     lhs.check(m, k);
     rhs.check(k, n);
-    assert!(dst_offset + (m - 1) * dst_rs + n <= dst.len(), "gemm destination out of bounds");
+    assert!(dst_offset + (m - 1) * dst_rs + n <= dst.1, "gemm destination out of bounds");
     let par = if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
     // SAFETY: every index the call reads or writes was bounds-checked above.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr().add(dst_offset),
-            1,
-            dst_rs as isize,
-            accumulate,
-            lhs.data.as_ptr().add(lhs.offset),
-            lhs.cs as isize,
-            lhs.rs as isize,
-            rhs.data.as_ptr().add(rhs.offset),
-            rhs.cs as isize,
-            rhs.rs as isize,
-            T::one(),
-            alpha,
-            false,
-            false,
-            false,
-            par,
-        )
-    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.0.add(dst_offset),
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs.data.as_ptr().add(lhs.offset),
+        lhs.cs as isize,
+        lhs.rs as isize,
+        rhs.data.as_ptr().add(rhs.offset),
+        rhs.cs as isize,
+        rhs.rs as isize,
+        T::one(),
+        alpha,
+        false,
+        false,
+        false,
+        par,
+    )
 }
 
 /// A pointer that lets parallel tasks write disjoint parts of one buffer.
-#[derive(Clone, Copy)]
 pub struct SharedMut<T>(*mut T, usize);
 
-// SAFETY: users only write disjoint index sets from different threads.
+// SAFETY: users only access disjoint index sets from different threads.
 unsafe impl<T: Send> Send for SharedMut<T> {}
 unsafe impl<T: Send> Sync for SharedMut<T> {}
 

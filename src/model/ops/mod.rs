@@ -8,6 +8,8 @@
 mod cpu;
 
 pub mod attention;
+pub mod conv;
+pub mod linear;
 pub mod norm;
 pub mod softmax;
 
@@ -31,6 +33,11 @@ pub fn with_composed_ops<R>(f: impl FnOnce() -> R) -> R {
 /// Whether the kernels can run on `t` (CPU, any float dtype; half precision is upcast).
 pub fn kernels_for(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype().is_float() && !COMPOSED.get()
+}
+
+/// Whether the kernels can run on `t` in its own dtype (f32 or f64 on the CPU).
+pub fn native(t: &Tensor) -> bool {
+    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64) && !COMPOSED.get()
 }
 
 /// The dtype a kernel computes `dtype` in: f32 and f64 as they are, half precision in f32.

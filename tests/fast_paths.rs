@@ -1,0 +1,80 @@
+//! The CPU kernels of `model::ops` and the composed candle ops they replace (the path on
+//! other devices, forced here by `with_composed_ops`) give the same fixture text encoder,
+//! UNet and VAE outputs, with and without an autograd graph, and the same gradients.
+
+mod common;
+#[allow(dead_code)]
+#[path = "common/training.rs"]
+mod training;
+
+use candle_core::{DType, Device, Tensor, Var};
+use sdserve::engine::noise::NoiseRng;
+use sdserve::engine::pipeline::StableDiffusion;
+use sdserve::lora::LoraSet;
+use sdserve::model::ops::with_composed_ops;
+
+/// Largest absolute difference relative to the largest magnitude of `b`.
+fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let scalar = |t: Tensor| t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+    let diff = scalar((a - b).unwrap().abs().unwrap().max_all().unwrap());
+    diff / scalar(b.abs().unwrap().max_all().unwrap()).max(1e-30)
+}
+
+/// Runs `f` four ways: kernels / composed ops, each without and with an autograd graph on
+/// its input; returns the three outputs that differ from the plain kernel run, and that run.
+fn four_ways(x: &Tensor, f: impl Fn(&Tensor) -> Tensor) -> (Tensor, [Tensor; 3]) {
+    let var = Var::from_tensor(x).unwrap();
+    let fast = f(x);
+    let fast_graph = f(var.as_tensor());
+    let composed = with_composed_ops(|| f(x));
+    let composed_graph = with_composed_ops(|| f(var.as_tensor()));
+    (fast, [fast_graph, composed, composed_graph])
+}
+
+#[test]
+fn kernels_and_composed_ops_agree_on_the_fixture_models() {
+    let sd = StableDiffusion::load(&common::fixture_dir(), &Device::Cpu, DType::F32).unwrap();
+    let ids = Tensor::new(sd.tokenizer.encode("a red circle").unwrap(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let text = sd.text_encoder.forward(&ids, LoraSet::none()).unwrap();
+    let composed = with_composed_ops(|| sd.text_encoder.forward(&ids, LoraSet::none()).unwrap());
+    assert!(rel_diff(&text, &composed) < 1e-5, "text encoder: {}", rel_diff(&text, &composed));
+    let context = Tensor::cat(&[&text, &text], 0).unwrap();
+
+    let latents = NoiseRng::new(1).randn((2, 4, 16, 16), DType::F32, &Device::Cpu).unwrap();
+    let (fast, others) = four_ways(&latents, |x| sd.unet.forward(x, 500.0, &context, LoraSet::none()).unwrap());
+    for (name, o) in ["unet with graph", "unet composed", "unet composed with graph"].iter().zip(&others) {
+        assert!(rel_diff(o, &fast) < 1e-5, "{name}: {}", rel_diff(o, &fast));
+    }
+
+    let z = NoiseRng::new(2).randn((1, 4, 16, 16), DType::F32, &Device::Cpu).unwrap();
+    let (fast, others) = four_ways(&z, |z| sd.vae.decode(z).unwrap());
+    for (name, o) in ["vae with graph", "vae composed", "vae composed with graph"].iter().zip(&others) {
+        assert!(rel_diff(o, &fast) < 1e-5, "{name}: {}", rel_diff(o, &fast));
+    }
+}
+
+/// Gradients of a reward-like loss through UNet → VAE decode (batch 2) w.r.t. the latents and
+/// the text embeddings (cross-attention keys and values) are the same through the kernels'
+/// backward passes and through the composed ops' (f64). Batch 2 matters: candle-nn's linear
+/// layer on strided batched input (the VAE attention's tokens) has a wrong input gradient.
+#[test]
+fn kernels_and_composed_ops_give_the_same_gradients() {
+    let fx = training::training_fixture(DType::F64);
+    let latents = Var::from_tensor(&NoiseRng::new(3).randn((2, 4, 8, 8), DType::F64, &Device::Cpu).unwrap()).unwrap();
+    let context = Var::from_tensor(&fx.context).unwrap();
+    let grads = || {
+        let eps = fx.unet.forward(latents.as_tensor(), 700.0, context.as_tensor(), LoraSet::none()).unwrap();
+        let img = fx.vae.decode(&(latents.as_tensor() - eps).unwrap()).unwrap();
+        let loss = img.sqr().unwrap().mean_all().unwrap();
+        let store = loss.backward().unwrap();
+        [&latents, &context].map(|v| store.get(v).unwrap().clone())
+    };
+    let fast = grads();
+    let composed = with_composed_ops(grads);
+    for (name, (a, b)) in ["latents", "context"].iter().zip(fast.iter().zip(&composed)) {
+        let d = rel_diff(a, b);
+        println!("{name}: relative difference {d:.2e}");
+        assert!(d < 1e-10, "{name}: {d}");
+    }
+}
+
