@@ -74,7 +74,8 @@ fn kernels_and_composed_ops_give_the_same_gradients() {
     for (name, (a, b)) in ["latents", "context"].iter().zip(fast.iter().zip(&composed)) {
         let d = rel_diff(a, b);
         println!("{name}: relative difference {d:.2e}");
-        assert!(d < 1e-10, "{name}: {d}");
+        // Not 1e-12: candle's gelu_erf backward rounds 1/√(2π) to 0.398942.
+        assert!(d < 2e-7, "{name}: {d}");
     }
 }
 
