@@ -63,6 +63,9 @@ pub struct StableDiffusion {
     pub lora_targets: LoraTargets,
     pub device: Device,
     pub dtype: DType,
+    /// Decode in overlapping tiles (diffusers' `enable_tiling()`): bounded memory at any
+    /// size, seams blended (an approximation); off by default.
+    pub vae_tiling: bool,
 }
 
 impl StableDiffusion {
@@ -101,6 +104,7 @@ impl StableDiffusion {
             lora_targets: LoraTargets::from_files(&unet_file, &te_file)?,
             device: device.clone(),
             dtype,
+            vae_tiling: false,
         })
     }
 
@@ -132,14 +136,19 @@ impl StableDiffusion {
         self.text_encoder.forward(&ids, lora)
     }
 
-    /// Latents → images `[B, 3, H, W]` in `[0, 1]`.
+    /// Latents → images `[B, 3, H, W]` in `[0, 1]`, one image at a time (the activations of
+    /// one image in memory; the same result), in tiles when [`Self::vae_tiling`] is set.
     pub fn decode(&self, latents: &Tensor) -> candle_core::Result<Tensor> {
         let z = (latents / self.vae.config().scaling_factor)?;
         let z = match self.vae.config().shift_factor {
             Some(s) => (z + s)?,
             None => z,
         };
-        ((self.vae.decode(&z)? / 2.0)? + 0.5)?.clamp(0.0, 1.0)
+        let images = match self.vae_tiling {
+            true => (0..z.dim(0)?).map(|i| self.vae.decode_tiled(&z.narrow(0, i, 1)?)).collect::<candle_core::Result<Vec<_>>>()?,
+            false => vec![self.vae.decode_sliced(&z)?],
+        };
+        ((Tensor::cat(&images, 0)? / 2.0)? + 0.5)?.clamp(0.0, 1.0)
     }
 
     /// Runs the whole sampler; `on_step(done, total)` is called after every denoising step

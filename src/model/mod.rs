@@ -8,4 +8,5 @@ pub mod ops;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
+pub mod vae_tiling;
 pub mod weights;
