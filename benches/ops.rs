@@ -121,9 +121,9 @@ fn run(case: &str) -> Result<()> {
             if case.ends_with("bwd") {
                 let x = Var::from_tensor(&x)?;
                 let r = randn(6, shape)?;
-                time(case, 5, || backward_through(&gn.forward(&x)?.silu()?, &r))
+                time(case, 5, || backward_through(&gn.forward_silu(&x)?, &r))
             } else {
-                time(case, 5, || gn.forward(&x)?.silu().map(drop))
+                time(case, 5, || gn.forward_silu(&x).map(drop))
             }
         }
         "conv3x3_320" | "conv3x3_320_bwd" => {

@@ -74,7 +74,30 @@ fn kernels_and_composed_ops_give_the_same_gradients() {
     for (name, (a, b)) in ["latents", "context"].iter().zip(fast.iter().zip(&composed)) {
         let d = rel_diff(a, b);
         println!("{name}: relative difference {d:.2e}");
-        assert!(d < 1e-10, "{name}: {d}");
+        // Not 1e-12: candle's gelu_erf backward rounds 1/√(2π) to 0.398942.
+        assert!(d < 2e-7, "{name}: {d}");
     }
 }
 
+
+/// f16 keeps working: the norms, softmax and attention run their f32 kernels on upcast
+/// inputs, the rest in f16; the fixture UNet and VAE stay close to f32. (bf16 cannot run on
+/// the CPU: candle has no bf16 CPU matmul.)
+#[test]
+fn half_precision_stays_close_to_f32() {
+    let run = |dtype: DType| {
+        let fx = training::training_fixture(dtype);
+        let x = NoiseRng::new(6).randn((2, 4, 8, 8), DType::F32, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        let eps = fx.unet.forward(&x, 500.0, &fx.context, LoraSet::none()).unwrap();
+        let img = fx.vae.decode(&x.narrow(0, 0, 1).unwrap()).unwrap();
+        [eps, img].map(|t| t.to_dtype(DType::F32).unwrap())
+    };
+    let full = run(DType::F32);
+    for (dtype, tol) in [(DType::F16, 1e-2)] {
+        for (name, (a, b)) in ["unet", "vae"].iter().zip(run(dtype).iter().zip(&full)) {
+            let d = rel_diff(a, b);
+            println!("{dtype:?} {name}: {d:.2e}");
+            assert!(d < tol, "{dtype:?} {name}: {d}");
+        }
+    }
+}

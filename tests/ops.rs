@@ -237,3 +237,16 @@ fn frozen_weights_get_no_gradient() {
         assert!(grads.get(t).is_none(), "a frozen weight got a gradient");
     }
 }
+
+#[test]
+fn geglu_matches_composed_and_finite_differences() {
+    for dtype in [DType::F32, DType::F64] {
+        let h = randn(1, &[2, 9, 22], dtype).affine(2.0, 0.0).unwrap();
+        let fast = nn::geglu(&h).unwrap();
+        let slow = with_composed_ops(|| nn::geglu(&h).unwrap());
+        let tol = if dtype == DType::F32 { 3e-6 } else { 1e-14 };
+        assert!(max_abs_diff(&fast, &slow) < tol, "{dtype:?}: {}", max_abs_diff(&fast, &slow));
+    }
+    let h = vars(&[&[3, 4, 10]], 60);
+    check_gradients("geglu", &h, |t| nn::geglu(&(&t[0] * 2.0).unwrap()).unwrap());
+}

@@ -158,3 +158,29 @@ fn vae_decode_is_differentiable() {
         assert!(rel <= 1e-6, "gradient at {idx}: autograd {} vs finite difference {fd}", grad[idx]);
     }
 }
+
+/// diffusers' `enable_tiling()` decode of a latent larger than one tile (two rows of four
+/// tiles, the last ones cut short; `scripts/make_vae_tiling_reference.py`).
+#[test]
+fn vae_tiled_decode_matches_diffusers() {
+    let path = common::fixture_dir().join("reference/vae_tiled.safetensors");
+    let refs = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+    let vae = load(DType::F32);
+    let tiled = vae.decode_tiled(&refs["latents"]).unwrap();
+    let err = common::max_abs_diff(&tiled, &refs["tiled"]);
+    println!("tiled decode max abs err {err:e}, tiled vs full {:e}", common::max_abs_diff(&refs["tiled"], &refs["full"]));
+    assert!(err <= 1e-4, "tiled decode max abs err {err}");
+    let full = vae.decode(&refs["latents"]).unwrap();
+    assert!(common::max_abs_diff(&full, &refs["full"]) <= 1e-4);
+    // A latent that fits in one tile is decoded whole.
+    let small = refs["latents"].narrow(3, 0, 16).unwrap().narrow(2, 0, 16).unwrap();
+    assert_eq!(common::max_abs_diff(&vae.decode_tiled(&small).unwrap(), &vae.decode(&small).unwrap()), 0.0);
+}
+
+#[test]
+fn vae_sliced_decode_equals_batched_decode() {
+    let vae = load(DType::F32);
+    let z = sdserve::engine::noise::NoiseRng::new(5).randn((3, 4, 8, 8), DType::F32, &Device::Cpu).unwrap();
+    let err = common::max_abs_diff(&vae.decode_sliced(&z).unwrap(), &vae.decode(&z).unwrap());
+    assert!(err <= 1e-6, "sliced decode differs by {err}");
+}

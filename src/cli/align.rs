@@ -11,7 +11,6 @@ use crate::align::request::{AlignLimits, AlignRequest, TruncationRequest};
 use crate::align::runner;
 use crate::align::validation::Validation;
 use crate::engine::noise::random_seed;
-use crate::engine::pipeline::StableDiffusion;
 use crate::lora::LoraAdapter;
 use crate::rewards::registry::{build_all, RewardModels, RewardSpec};
 use crate::server::AdapterMeta;
@@ -148,7 +147,7 @@ pub fn run(args: AlignArgs) -> Result<()> {
     let request = args.request(seed)?;
     let rewards = build_all(&request.rewards, &RewardModels::new(&args.reward_models))?;
     let device = args.device.device()?;
-    let sd = StableDiffusion::load(&args.model, &device, args.device.dtype()?)?;
+    let sd = args.device.load(&args.model)?;
     let cfg = request.to_config(&AlignLimits::default(), seed, sd.native_size()).map_err(|(param, msg)| anyhow!("{param}: {msg}"))?;
     eprintln!("training at {}x{}", cfg.width, cfg.height);
     let init = match &args.init_adapter {

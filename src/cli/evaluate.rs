@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::{DeviceArgs, LoraArg};
 use crate::dataset::{sample, Split};
 use crate::engine::image::{from_rgb, to_rgb};
-use crate::engine::pipeline::{GenerateParams, StableDiffusion};
+use crate::engine::pipeline::GenerateParams;
 use crate::engine::scheduler::SchedulerKind;
 use crate::eval::{analyze, score, Accuracy};
 use crate::lora::{LoraAdapter, PipelineLora};
@@ -89,7 +89,7 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
         bail!("--images must be at least 1");
     }
     let device = args.device.device()?;
-    let sd = StableDiffusion::load(&args.model, &device, args.device.dtype()?)?;
+    let sd = args.device.load(&args.model)?;
     let mut lora = PipelineLora::default();
     for l in &args.loras {
         LoraAdapter::from_file(&l.path, &sd.lora_targets, &device)?.add_to(l.weight, &mut lora);

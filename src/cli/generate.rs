@@ -8,7 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::{DeviceArgs, LoraArg};
 use crate::engine::image::{encode, to_rgb, OutputFormat};
 use crate::engine::noise::random_seed;
-use crate::engine::pipeline::{GenerateParams, StableDiffusion};
+use crate::engine::pipeline::GenerateParams;
 use crate::engine::scheduler::SchedulerKind;
 use crate::lora::{LoraAdapter, PipelineLora};
 
@@ -55,7 +55,7 @@ pub struct GenerateArgs {
 
 pub fn run(args: GenerateArgs) -> Result<()> {
     let device = args.device.device()?;
-    let sd = StableDiffusion::load(&args.model, &device, args.device.dtype()?)?;
+    let sd = args.device.load(&args.model)?;
     let mut lora = PipelineLora::default();
     for l in &args.loras {
         LoraAdapter::from_file(&l.path, &sd.lora_targets, &device)?.add_to(l.weight, &mut lora);

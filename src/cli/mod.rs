@@ -11,6 +11,8 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use clap::{Parser, Subcommand};
 
+use crate::engine::pipeline::StableDiffusion;
+
 /// Stable Diffusion server with per-request LoRA adapters and AlignProp fine-tuning.
 #[derive(Parser, Debug)]
 #[command(version, about)]
@@ -60,6 +62,10 @@ pub struct DeviceArgs {
     /// Compute precision: f32, f16 or bf16 (f16/bf16 only make sense on a GPU).
     #[arg(long, default_value = "f32", env = "SDSERVE_DTYPE")]
     pub dtype: String,
+    /// Decode images in overlapping tiles (as diffusers' `enable_tiling()`): memory of one
+    /// tile at any size; seams are blended, so results differ slightly from a full decode.
+    #[arg(long, env = "SDSERVE_VAE_TILING", value_parser = clap::builder::BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true", default_value = "false")]
+    pub vae_tiling: bool,
 }
 
 impl DeviceArgs {
@@ -69,6 +75,13 @@ impl DeviceArgs {
         } else {
             Ok(Device::Cpu)
         }
+    }
+
+    /// Loads the diffusers model folder `dir` on this device, with these settings.
+    pub fn load(&self, dir: &std::path::Path) -> Result<StableDiffusion> {
+        let mut sd = StableDiffusion::load(dir, &self.device()?, self.dtype()?)?;
+        sd.vae_tiling = self.vae_tiling;
+        Ok(sd)
     }
 
     pub fn dtype(&self) -> Result<DType> {

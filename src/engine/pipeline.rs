@@ -63,6 +63,9 @@ pub struct StableDiffusion {
     pub lora_targets: LoraTargets,
     pub device: Device,
     pub dtype: DType,
+    /// Decode in overlapping tiles (diffusers' `enable_tiling()`): bounded memory at any
+    /// size, seams blended (an approximation); off by default.
+    pub vae_tiling: bool,
 }
 
 impl StableDiffusion {
@@ -101,6 +104,7 @@ impl StableDiffusion {
             lora_targets: LoraTargets::from_files(&unet_file, &te_file)?,
             device: device.clone(),
             dtype,
+            vae_tiling: false,
         })
     }
 
@@ -137,9 +141,15 @@ impl StableDiffusion {
         self.text_encoder.forward(&ids, lora)
     }
 
-    /// Latents → images `[B, 3, H, W]` in `[0, 1]`.
+    /// Latents → images `[B, 3, H, W]` in `[0, 1]`, one image at a time (the activations of
+    /// one image in memory; the same result), in tiles when [`Self::vae_tiling`] is set.
     pub fn decode(&self, latents: &Tensor) -> candle_core::Result<Tensor> {
-        to_pixels(&self.vae.decode_scaled(latents)?)
+        let z = self.vae.unscale(latents)?;
+        let images = match self.vae_tiling {
+            true => (0..z.dim(0)?).map(|i| self.vae.decode_tiled(&z.narrow(0, i, 1)?)).collect::<candle_core::Result<Vec<_>>>()?,
+            false => vec![self.vae.decode_sliced(&z)?],
+        };
+        to_pixels(&Tensor::cat(&images, 0)?)
     }
 
     /// Runs the whole sampler; `on_step(done, total)` is called after every denoising step

@@ -9,4 +9,5 @@ pub mod staged;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
+pub mod vae_tiling;
 pub mod weights;

@@ -184,6 +184,16 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// GEGLU `a · gelu(b)` (exact erf GELU) of input `[..., a | b]`: one fused op with its
+/// backward pass on the CPU (f32/f64), the composed ops elsewhere.
+pub fn geglu(h: &Tensor) -> Result<Tensor> {
+    if ops::native(h) {
+        return ops::geglu::geglu(h);
+    }
+    let half = h.dim(D::Minus1)? / 2;
+    h.narrow(D::Minus1, 0, half)? * h.narrow(D::Minus1, half, half)?.gelu_erf()?
+}
+
 /// Score elements per query chunk of the composed attention when no gradient is needed.
 const COMPOSED_CHUNK_SCORES: usize = 1 << 26;
 

@@ -423,6 +423,16 @@ impl AutoencoderKL {
         run_to_one(&self.scaled_decoder(), latents.clone())
     }
 
+    /// Latents as the sampler produces them → the decoder's input: divided by
+    /// `scaling_factor`, plus `shift_factor` where the config has one.
+    pub fn unscale(&self, latents: &Tensor) -> Result<Tensor> {
+        let z = (latents / self.config.scaling_factor)?;
+        match self.config.shift_factor {
+            Some(s) => z + s,
+            None => Ok(z),
+        }
+    }
+
     /// [`Self::decode_scaled`] as layers, for layer-by-layer recomputation.
     pub fn scaled_decoder(&self) -> Decode<'_> {
         Decode { vae: self, scaled: true }
@@ -438,12 +448,7 @@ pub struct Decode<'a> {
 
 impl Decode<'_> {
     fn first(&self, latents: &Tensor) -> Result<Tensor> {
-        let cfg = &self.vae.config;
-        let z = match (self.scaled, cfg.shift_factor) {
-            (false, _) => latents.clone(),
-            (true, None) => (latents / cfg.scaling_factor)?,
-            (true, Some(s)) => ((latents / cfg.scaling_factor)? + s)?,
-        };
+        let z = if self.scaled { self.vae.unscale(latents)? } else { latents.clone() };
         match &self.vae.post_quant_conv {
             Some(c) => self.vae.decoder.layer(0, &c.forward(&z, LoraSet::none())?),
             None => self.vae.decoder.layer(0, &z),

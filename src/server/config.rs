@@ -170,6 +170,7 @@ impl Default for ServerConfig {
             device: DeviceArgs {
                 cuda: false,
                 dtype: "f32".into(),
+                vae_tiling: false,
             },
         }
     }

@@ -48,7 +48,6 @@ pub use error::ApiError;
 pub use model::{ModelSlot, ModelStatus};
 pub use state::AppState;
 
-use crate::engine::pipeline::StableDiffusion;
 
 /// A bound, not yet running server.
 pub struct Server {
@@ -132,10 +131,7 @@ fn start_loading(state: &AppState) {
             let cfg = state.config.clone();
             let start = Instant::now();
             tracing::info!("loading model from {}", cfg.model.display());
-            let loaded = (|| -> Result<StableDiffusion> {
-                let device = cfg.device.device()?;
-                StableDiffusion::load(&cfg.model, &device, cfg.device.dtype()?)
-            })();
+            let loaded = cfg.device.load(&cfg.model);
             match loaded {
                 Ok(sd) => {
                     let sd = Arc::new(sd);

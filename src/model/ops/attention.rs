@@ -47,6 +47,7 @@ impl<'a, T> Heads<'a, T> {
 #[derive(Clone, Copy, Debug)]
 struct Dims {
     bh: usize,
+    heads: usize,
     q_len: usize,
     k_len: usize,
     dim: usize,
@@ -62,7 +63,13 @@ impl Dims {
             candle_core::bail!("attention kernel: incompatible shapes q {qd:?}, k {kd:?}, v {vd:?}");
         }
         let chunk = (CHUNK_ELEMS / kd[2].max(1)).max(16).min(max_chunk).min(qd[2]).max(1);
-        Ok(Self { bh: qd[0] * qd[1], q_len: qd[2], k_len: kd[2], dim: qd[3], v_dim: vd[3], chunk })
+        Ok(Self { bh: qd[0] * qd[1], heads: qd[1], q_len: qd[2], k_len: kd[2], dim: qd[3], v_dim: vd[3], chunk })
+    }
+
+    /// Offset of row `row` of head `bh` in a token-major `[batch, len, heads, width]` buffer.
+    fn token_major(&self, bh: usize, row: usize, len: usize, width: usize) -> usize {
+        let (b, h) = (bh / self.heads, bh % self.heads);
+        ((b * len + row) * self.heads + h) * width
     }
 
     fn chunks(&self) -> usize {
@@ -108,10 +115,11 @@ simd_dispatch! {
 }
 
 #[inline(always)]
-fn score_grads_impl<T: Float>(p: &mut [T], dp: &mut [T], k_len: usize, lse: &[T], go: &[T], o: &[T], v_dim: usize) {
+fn score_grads_impl<T: Float>(p: &mut [T], dp: &mut [T], k_len: usize, lse: &[T], go: &[T], o: &[T], v_dim: usize, row_stride: usize) {
     for (i, (p, dp)) in p.chunks_exact_mut(k_len).zip(dp.chunks_exact_mut(k_len)).enumerate() {
         cpu::exp_shifted(p, lse[i]);
-        let di = cpu::dot(&go[i * v_dim..(i + 1) * v_dim], &o[i * v_dim..(i + 1) * v_dim]);
+        let r = i * row_stride;
+        let di = cpu::dot(&go[r..r + v_dim], &o[r..r + v_dim]);
         for (dp, &p) in dp.iter_mut().zip(p.iter()) {
             *dp = p * (*dp - di);
         }
@@ -120,8 +128,8 @@ fn score_grads_impl<T: Float>(p: &mut [T], dp: &mut [T], k_len: usize, lse: &[T]
 
 simd_dispatch! {
     /// Turns scores into probabilities `P = e^(s − lse)` and `dP = dO·Vᵀ` into the score
-    /// gradient `dS = P ∘ (dP − rowsum(dO ∘ O))`, row by row.
-    fn score_grads<T: Float>(p: &mut [T], dp: &mut [T], k_len: usize, lse: &[T], go: &[T], o: &[T], v_dim: usize) = score_grads_impl;
+    /// gradient `dS = P ∘ (dP − rowsum(dO ∘ O))`, row by row (`dO`/`O` rows `row_stride` apart).
+    fn score_grads<T: Float>(p: &mut [T], dp: &mut [T], k_len: usize, lse: &[T], go: &[T], o: &[T], v_dim: usize, row_stride: usize) = score_grads_impl;
 }
 
 /// The attention op; `mask` (constant) is already broadcast to the scores' shape.
@@ -170,10 +178,13 @@ impl Attention {
         let mask_guard = self.mask.as_ref().map(|m| m.storage_and_layout());
         let mask = mask_view::<T>(&mask_guard, q.heads)?;
         let scale = T::from_f64(self.scale);
+        // The output is token-major, [batch, q_len, heads, v_dim]: merging the heads after
+        // the op is then free.
         let mut out = vec![T::zero(); d.bh * d.q_len * d.v_dim];
         let mut lse = vec![T::zero(); d.bh * d.q_len];
         let (out_w, lse_w) = (SharedMut::new(&mut out), SharedMut::new(&mut lse));
         let tasks = d.bh * d.chunks();
+        let row_stride = d.heads * d.v_dim;
         (0..tasks).into_par_iter().for_each_init(
             || vec![T::zero(); d.chunk * d.k_len],
             |buf, task| {
@@ -181,14 +192,17 @@ impl Attention {
                 let rows = d.chunk.min(d.q_len - row0);
                 let s = &mut buf[..rows * d.k_len];
                 scores(s, &q, &k, mask.as_ref(), &d, bh, row0, rows, scale);
-                let row_start = bh * d.q_len + row0;
                 // SAFETY: each task owns rows `row0..row0 + rows` of head `bh`.
-                let (o, l) = unsafe { (out_w.slice(row_start * d.v_dim, rows * d.v_dim), lse_w.slice(row_start, rows)) };
+                let l = unsafe { lse_w.slice(bh * d.q_len + row0, rows) };
                 let mut inv = [T::zero(); MAX_CHUNK];
                 exp_rows(s, d.k_len, l, &mut inv);
-                cpu::gemm((rows, d.v_dim, d.k_len), o, 0, d.v_dim, false, Mat::rows(s, 0, d.k_len), v.rows(bh, 0), T::one(), 1);
-                for (o, &inv) in o.chunks_exact_mut(d.v_dim).zip(inv.iter()) {
-                    o.iter_mut().for_each(|x| *x *= inv);
+                let o = d.token_major(bh, row0, d.q_len, d.v_dim);
+                // SAFETY: as above; the rows of different heads interleave but do not overlap.
+                unsafe { cpu::gemm_shared((rows, d.v_dim, d.k_len), &out_w, o, row_stride, false, Mat::rows(s, 0, d.k_len), v.rows(bh, 0), T::one(), 1) };
+                for (i, &inv) in inv[..rows].iter().enumerate() {
+                    // SAFETY: as above.
+                    let row = unsafe { out_w.slice(o + i * row_stride, d.v_dim) };
+                    row.iter_mut().for_each(|x| *x *= inv);
                 }
             },
         );
@@ -211,8 +225,10 @@ impl Attention {
         let groups = (2 * cpu::threads()).div_ceil(d.bh).clamp(1, d.chunks());
         let per_group = d.chunks().div_ceil(groups);
 
+        // Gradients are token-major like the output: [batch, len, heads, width].
         let mut dq = vec![T::zero(); d.bh * d.q_len * d.dim];
         let dq_w = SharedMut::new(&mut dq);
+        let (o_rs, q_rs) = (d.heads * d.v_dim, d.heads * d.dim);
         let parts: Vec<(Vec<T>, Vec<T>)> = cpu::with_data::<T, _>(&lse_t, |lse| {
             cpu::with_data::<T, _>(out, |o| {
                 cpu::with_data::<T, _>(grad, |go| {
@@ -228,19 +244,19 @@ impl Attention {
                                 for c in first..(first + per_group).min(d.chunks()) {
                                     let row0 = c * d.chunk;
                                     let rows = d.chunk.min(d.q_len - row0);
-                                    let row_start = bh * d.q_len + row0;
-                                    let go_c = Mat::rows(go, row_start * d.v_dim, d.v_dim);
+                                    let o_at = d.token_major(bh, row0, d.q_len, d.v_dim);
+                                    let go_c = Mat { data: go, offset: o_at, rs: o_rs, cs: 1 };
                                     let p = &mut p_buf[..rows * d.k_len];
                                     let dp = &mut dp_buf[..rows * d.k_len];
                                     scores(p, &q, &k, mask.as_ref(), &d, bh, row0, rows, scale);
                                     cpu::gemm((rows, d.k_len, d.v_dim), dp, 0, d.k_len, false, go_c, v.rows(bh, 0).t(), T::one(), 1);
-                                    let (go_rows, o_rows) = (&go[row_start * d.v_dim..], &o[row_start * d.v_dim..]);
-                                    score_grads(p, dp, d.k_len, &lse[row_start..row_start + rows], go_rows, o_rows, d.v_dim);
+                                    let lse_c = &lse[bh * d.q_len + row0..][..rows];
+                                    score_grads(p, dp, d.k_len, lse_c, &go[o_at..], &o[o_at..], d.v_dim, o_rs);
                                     // dv += Pᵀ·dO, dq = scale·dS·K, dk += scale·dSᵀ·Q.
                                     cpu::gemm((d.k_len, d.v_dim, rows), &mut dv, 0, d.v_dim, true, Mat::rows(p, 0, d.k_len).t(), go_c, T::one(), 1);
+                                    let q_at = d.token_major(bh, row0, d.q_len, d.dim);
                                     // SAFETY: each chunk's dq rows are written by one task only.
-                                    let dq_c = unsafe { dq_w.slice(row_start * d.dim, rows * d.dim) };
-                                    cpu::gemm((rows, d.dim, d.k_len), dq_c, 0, d.dim, false, Mat::rows(dp, 0, d.k_len), k.rows(bh, 0), scale, 1);
+                                    unsafe { cpu::gemm_shared((rows, d.dim, d.k_len), &dq_w, q_at, q_rs, false, Mat::rows(dp, 0, d.k_len), k.rows(bh, 0), scale, 1) };
                                     cpu::gemm((d.k_len, d.dim, rows), &mut dk, 0, d.dim, true, Mat::rows(dp, 0, d.k_len).t(), q.rows(bh, row0), scale, 1);
                                 }
                                 (dk, dv)
@@ -255,15 +271,18 @@ impl Attention {
         let mut dv = vec![T::zero(); d.bh * d.k_len * d.v_dim];
         for (task, (pk, pv)) in parts.iter().enumerate() {
             let bh = task / groups;
-            let add = |dst: &mut [T], src: &[T]| dst.iter_mut().zip(src).for_each(|(a, &b)| *a += b);
-            add(&mut dk[bh * pk.len()..(bh + 1) * pk.len()], pk);
-            add(&mut dv[bh * pv.len()..(bh + 1) * pv.len()], pv);
+            for j in 0..d.k_len {
+                let add = |dst: &mut [T], src: &[T]| dst.iter_mut().zip(src).for_each(|(a, &b)| *a += b);
+                add(&mut dk[d.token_major(bh, j, d.k_len, d.dim)..][..d.dim], &pk[j * d.dim..][..d.dim]);
+                add(&mut dv[d.token_major(bh, j, d.k_len, d.v_dim)..][..d.v_dim], &pv[j * d.v_dim..][..d.v_dim]);
+            }
         }
         let [b, h] = [qt.dims()[0], qt.dims()[1]];
+        // Returned as [batch, heads, len, width] views of the token-major buffers.
         Ok((
-            cpu::tensor(dq, &Shape::from((b, h, d.q_len, d.dim)))?,
-            cpu::tensor(dk, &Shape::from((b, h, d.k_len, d.dim)))?,
-            cpu::tensor(dv, &Shape::from((b, h, d.k_len, d.v_dim)))?,
+            cpu::tensor(dq, &Shape::from((b, d.q_len, h, d.dim)))?.transpose(1, 2)?,
+            cpu::tensor(dk, &Shape::from((b, d.k_len, h, d.dim)))?.transpose(1, 2)?,
+            cpu::tensor(dv, &Shape::from((b, d.k_len, h, d.v_dim)))?.transpose(1, 2)?,
         ))
     }
 }
@@ -280,7 +299,7 @@ impl CustomOp3 for Attention {
             candle_core::DType::F64 => self.forward::<f64>(qs, ql, ks, kl, vs, vl)?,
             dt => candle_core::bail!("attention kernel: unsupported dtype {dt:?}"),
         };
-        Ok((out, Shape::from((ql.dims()[0], ql.dims()[1], d.q_len, d.v_dim))))
+        Ok((out, Shape::from((ql.dims()[0], d.q_len, ql.dims()[1], d.v_dim))))
     }
 
     fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -295,7 +314,9 @@ impl CustomOp3 for Attention {
 }
 
 /// `softmax(q·kᵀ/√d + mask)·v` over `[batch, heads, seq, dim]` f32/f64 CPU tensors (any
-/// strides); `mask` is constant and broadcastable to `[batch, heads, q_len, k_len]`.
+/// strides); `mask` is constant and broadcastable to `[batch, heads, q_len, k_len]`. The
+/// result is a `[batch, heads, q_len, v_dim]` view of a token-major buffer, so
+/// `transpose(1, 2)` and merging the heads cost no copy.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     chunked(q, k, v, mask, MAX_CHUNK)
 }
@@ -308,7 +329,8 @@ fn chunked(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, max_chunk:
         None => None,
     };
     let op = Attention { scale: 1.0 / (dim as f64).sqrt(), mask, lse: Mutex::new(None), max_chunk };
-    q.apply_op3(k, v, op)
+    // The op's output is token-major `[batch, q_len, heads, v_dim]`.
+    q.apply_op3(k, v, op)?.transpose(1, 2)
 }
 
 #[cfg(test)]

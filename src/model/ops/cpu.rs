@@ -11,6 +11,10 @@ pub trait Float: WithDType + num_traits::Float + std::iter::Sum + Send + Sync {
     /// `e^x`; for f32 a branch-free polynomial that the compiler vectorises (≤ 2 ulp).
     fn exp_fast(self) -> Self;
 
+    /// `erf(x)`; for f32 a rational approximation that the compiler vectorises (relative
+    /// error < 5e-7).
+    fn erf_fast(self) -> Self;
+
     /// The value as f64.
     #[inline(always)]
     fn wide(self) -> f64 {
@@ -22,6 +26,11 @@ impl Float for f64 {
     #[inline(always)]
     fn exp_fast(self) -> f64 {
         self.exp()
+    }
+
+    #[inline(always)]
+    fn erf_fast(self) -> f64 {
+        libm::erf(self)
     }
 }
 
@@ -50,6 +59,24 @@ impl Float for f32 {
         } else {
             y
         }
+    }
+
+    /// Eigen's `generic_fast_erf_float`: `x·P(x²)/Q(x²)` on `[-4, 4]`, ±1 beyond.
+    #[inline(always)]
+    fn erf_fast(self) -> f32 {
+        let x = if self > 4.0 { 4.0 } else if self < -4.0 { -4.0 } else { self };
+        let x2 = x * x;
+        let mut p = x2.mul_add(-2.726_142_3e-10, 2.770_681_4e-8);
+        p = p.mul_add(x2, -2.101_024e-6);
+        p = p.mul_add(x2, -5.692_506_4e-5);
+        p = p.mul_add(x2, -7.349_906_3e-4);
+        p = p.mul_add(x2, -2.954_6e-3);
+        p = p.mul_add(x2, -1.609_603_3e-2);
+        let mut q = x2.mul_add(-1.456_607_2e-5, -2.133_740_6e-4);
+        q = q.mul_add(x2, -1.682_827e-3);
+        q = q.mul_add(x2, -7.373_329_2e-3);
+        q = q.mul_add(x2, -1.426_474e-2);
+        x * p / q
     }
 }
 
@@ -325,6 +352,26 @@ mod tests {
     }
 
     simd_dispatch! { fn exp_avx2<T: Float>(x: T) -> T = exp_one; }
+
+    #[inline(always)]
+    fn erf_one<T: Float>(x: T) -> T {
+        x.erf_fast()
+    }
+
+    simd_dispatch! { fn erf_avx2<T: Float>(x: T) -> T = erf_one; }
+
+    #[test]
+    fn erf_fast_is_close_to_libm() {
+        let mut worst = 0f64;
+        for i in -600_000..=600_000 {
+            let x = i as f32 * 1e-5;
+            let exact = libm::erf(x as f64);
+            worst = worst.max((erf_avx2(x) as f64 - exact).abs() / exact.abs().max(1e-3));
+        }
+        assert!(worst < 5e-7, "worst relative error {worst:e}");
+        assert!((erf_avx2(10f32) - 1.0).abs() <= f32::EPSILON);
+        assert!((erf_avx2(-10f32) + 1.0).abs() <= f32::EPSILON);
+    }
 
     #[test]
     fn exp_fast_is_within_two_ulp_of_std() {

@@ -9,6 +9,7 @@ mod cpu;
 
 pub mod attention;
 pub mod conv;
+pub mod geglu;
 pub mod linear;
 pub mod norm;
 pub mod softmax;

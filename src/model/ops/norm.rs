@@ -42,29 +42,26 @@ impl Segments {
     }
 }
 
-/// Mean and `1/σ` of one segment, accumulated in f64.
+/// Mean and `1/σ` of one segment in one pass: Σx and Σx² accumulated in f64.
 #[inline(always)]
 fn moments<T: Float>(x: &[T], eps: f64) -> (f64, f64) {
     let n = x.len() as f64;
-    let mut s = [0f64; 8];
+    let (mut s, mut q) = ([0f64; 8], [0f64; 8]);
     let chunks = x.chunks_exact(8);
-    let tail: f64 = chunks.remainder().iter().map(|v| v.wide()).sum();
+    let (mut ts, mut tq) = (0f64, 0f64);
+    for v in chunks.remainder() {
+        ts += v.wide();
+        tq += v.wide() * v.wide();
+    }
     for c in chunks {
         for i in 0..8 {
-            s[i] += c[i].wide();
+            let v = c[i].wide();
+            s[i] += v;
+            q[i] += v * v;
         }
     }
-    let mean = (s.iter().sum::<f64>() + tail) / n;
-    let mut q = [0f64; 8];
-    let chunks = x.chunks_exact(8);
-    let tail: f64 = chunks.remainder().iter().map(|v| (v.wide() - mean).powi(2)).sum();
-    for c in chunks {
-        for i in 0..8 {
-            let d = c[i].wide() - mean;
-            q[i] += d * d;
-        }
-    }
-    let var = (q.iter().sum::<f64>() + tail) / n;
+    let mean = (s.iter().sum::<f64>() + ts) / n;
+    let var = ((q.iter().sum::<f64>() + tq) / n - mean * mean).max(0.0);
     (mean, 1.0 / (var + eps).sqrt())
 }
 

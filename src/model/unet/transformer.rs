@@ -1,11 +1,11 @@
 //! `Transformer2DModel` with `BasicTransformerBlock`s: self-attention, cross-attention to the
 //! text embeddings and a GEGLU feed-forward, as in diffusers.
 
-use candle_core::{Result, Tensor, D};
+use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::lora::LoraSet;
-use crate::model::nn::{attention, Conv2d, GroupNorm, LayerNorm, Linear};
+use crate::model::nn::{attention, geglu, Conv2d, GroupNorm, LayerNorm, Linear};
 
 /// diffusers `Attention` without norms: `to_q`, `to_k`, `to_v` (no bias) and `to_out.0`.
 #[derive(Clone, Debug)]
@@ -73,10 +73,7 @@ impl FeedForward {
     }
 
     fn forward(&self, x: &Tensor, lora: &LoraSet) -> Result<Tensor> {
-        let h = self.proj.forward(x, lora)?;
-        let half = h.dim(D::Minus1)? / 2;
-        let gated = (h.narrow(D::Minus1, 0, half)? * h.narrow(D::Minus1, half, half)?.gelu_erf()?)?;
-        self.out.forward(&gated, lora)
+        self.out.forward(&geglu(&self.proj.forward(x, lora)?)?, lora)
     }
 }
 
