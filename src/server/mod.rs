@@ -203,6 +203,7 @@ pub async fn serve(config: ServerConfig) -> Result<()> {
 pub struct BackgroundServer {
     pub addr: SocketAddr,
     pub state: AppState,
+    rt: tokio::runtime::Handle,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -210,6 +211,12 @@ impl BackgroundServer {
     /// `http://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Runs a future on the server's runtime (the state's database pool lives there); call it
+    /// from outside any runtime.
+    pub fn block_on<F: Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
     }
 
     /// Blocks until the model is loaded (or `timeout` passes).
@@ -263,7 +270,8 @@ pub fn spawn(config: ServerConfig) -> Result<BackgroundServer> {
                     }
                 };
                 let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-                let _ = tx.send(Ok((server.addr(), server.state().clone(), stop_tx)));
+                let rt = tokio::runtime::Handle::current();
+                let _ = tx.send(Ok((server.addr(), server.state().clone(), rt, stop_tx)));
                 if let Err(e) = server
                     .run_until(async move {
                         let _ = stop_rx.await;
@@ -274,10 +282,11 @@ pub fn spawn(config: ServerConfig) -> Result<BackgroundServer> {
                 }
             });
         })?;
-    let (addr, state, stop) = rx.recv().context("the server thread died")??;
+    let (addr, state, rt, stop) = rx.recv().context("the server thread died")??;
     Ok(BackgroundServer {
         addr,
         state,
+        rt,
         stop: Some(stop),
     })
 }
