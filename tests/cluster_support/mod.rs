@@ -190,9 +190,13 @@ impl Drop for S3 {
 /// Shared settings of a cluster's processes.
 #[derive(Clone)]
 pub struct ClusterConfig {
-    pub database_url: String,
-    pub adapter_store: String,
+    /// `None`: each process's own SQLite file, unless `shared_dir` is set.
+    pub database_url: Option<String>,
+    /// `None`: the adapters folder.
+    pub adapter_store: Option<String>,
     pub s3_endpoint: String,
+    /// Data and adapters folders shared by every process (one host, SQLite, polling only).
+    pub shared_dir: Option<PathBuf>,
     pub model: PathBuf,
     pub lease_timeout_s: f64,
     pub poll_interval_s: f64,
@@ -201,9 +205,10 @@ pub struct ClusterConfig {
 impl ClusterConfig {
     pub fn new(pg: &Postgres, s3: &S3) -> Self {
         Self {
-            database_url: pg.url.clone(),
-            adapter_store: format!("s3://{}/sdserve", s3.bucket),
+            database_url: Some(pg.url.clone()),
+            adapter_store: Some(format!("s3://{}/sdserve", s3.bucket)),
             s3_endpoint: s3.endpoint.clone(),
+            shared_dir: None,
             model: fixture_dir(),
             lease_timeout_s: 2.0,
             poll_interval_s: 1.0,
@@ -225,16 +230,23 @@ impl Sdserve {
     pub fn start(name: &str, role: &str, cfg: &ClusterConfig) -> Self {
         let data = TempDir::new(&format!("node-{name}"));
         let log = data.0.join("sdserve.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_sdserve"))
+        let folders = cfg.shared_dir.clone().unwrap_or_else(|| data.0.clone());
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sdserve"));
+        command
             .args(["serve", "--port", "0", "--role", role])
             .arg("--model")
             .arg(&cfg.model)
             .arg("--data-dir")
-            .arg(data.0.join("data"))
+            .arg(folders.join("data"))
             .arg("--adapters-dir")
-            .arg(data.0.join("adapters"))
-            .env("SDSERVE_DATABASE_URL", &cfg.database_url)
-            .env("SDSERVE_ADAPTER_STORE", &cfg.adapter_store)
+            .arg(folders.join("adapters"));
+        for (var, value) in [("SDSERVE_DATABASE_URL", &cfg.database_url), ("SDSERVE_ADAPTER_STORE", &cfg.adapter_store)] {
+            match value {
+                Some(v) => command.env(var, v),
+                None => command.env_remove(var),
+            };
+        }
+        let child = command
             .env("SDSERVE_LEASE_TIMEOUT_S", cfg.lease_timeout_s.to_string())
             .env("SDSERVE_POLL_INTERVAL_S", cfg.poll_interval_s.to_string())
             .env("SDSERVE_DEFAULT_STEPS", "2")
