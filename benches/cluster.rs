@@ -2,7 +2,7 @@
 //! started here (see `scripts/install-test-deps.sh`) and the fixture model:
 //!
 //! 1. adapter propagation: an upload on replica A until replica B serves the new version
-//!    (Postgres `LISTEN/NOTIFY`; and two processes on one SQLite file, polling only);
+//!    (Postgres `LISTEN/NOTIFY`; and two processes on one SQLite file, which only poll);
 //! 2. /align queue throughput with one and with two trainers;
 //! 3. memory of three concurrent 100 MB adapter uploads (streamed to disk).
 
@@ -119,10 +119,11 @@ fn main() {
     }
     {
         let shared = TempDir::new("shared");
-        let local = ClusterConfig { database_url: None, adapter_store: None, shared_dir: Some(shared.0.clone()), ..cfg.clone() };
-        let a = Sdserve::start("a", "api", &local);
-        let b = Sdserve::start("b", "api", &local);
-        println!("adapter propagation A -> B, one SQLite file + folder, polling every 1 s: {}", percentiles(propagation(&a, &b, 20)));
+        // No notifications between SQLite processes: B learns of a change by polling.
+        let polling = ClusterConfig { database_url: None, shared_dir: Some(shared.0.clone()), ..cfg.clone() };
+        let a = Sdserve::start("a", "api", &polling);
+        let b = Sdserve::start("b", "api", &polling);
+        println!("adapter propagation A -> B, one SQLite file (no notifications) + S3, polling every 1 s: {}", percentiles(propagation(&a, &b, 20)));
     }
     for trainers in [1, 2] {
         println!("/align queue, 8 jobs of 2 steps, {trainers} trainer(s): {:.1} jobs/min", queue_throughput(&cfg, trainers, 8));
