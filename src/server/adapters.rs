@@ -317,7 +317,7 @@ impl AdapterRegistry {
             match self.registry.publish(&record, true, None).await.map_err(io)? {
                 Publish::Done { stored, .. } => {
                     let mut inner = self.lock();
-                    self.apply(&mut inner, &l.name, Some(stored));
+                    self.apply(&mut inner, &l.name, Some(*stored));
                     inner.seen.insert(l.name.clone(), l.version.clone());
                 }
                 Publish::Exists | Publish::JobLost => unreachable!("overwrite without a job"),
@@ -543,7 +543,7 @@ impl AdapterRegistry {
             revision: 0,
         };
         let (stored, old) = match self.registry.publish(&record, overwrite, job).await {
-            Ok(Publish::Done { stored, old }) => (stored, old),
+            Ok(Publish::Done { stored, old }) => (*stored, old),
             other => {
                 self.blobs.abort(&pending).await;
                 return Err(match other {

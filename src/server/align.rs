@@ -7,10 +7,10 @@
 //! lease); the adapter is published in the same commit that ends the job `succeeded`, so a
 //! trainer that dies or loses its job never leaves a partial adapter behind.
 //!
-//! CPU sharing: with role `all`, training runs on its own thread(s) (`--align-workers`, default
-//! 1) next to the generation workers and both split candle's CPU kernels over the cores;
-//! generation keeps being served, only slower. Role `trainer` keeps training off the replicas
-//! that serve.
+//! CPU sharing: with role `all`, training runs on its own thread(s) (`--align-workers`,
+//! default 1) next to the generation workers, and both split candle's CPU kernels over the
+//! cores: generation keeps being served, only slower. Role `trainer` keeps training off the
+//! replicas that serve.
 
 use std::sync::atomic::Ordering;
 

@@ -255,7 +255,7 @@ impl AlignJobStore {
         append_event(&mut tx, &id, "message", "job started", None).await?;
         tx.commit().await?;
         self.changed(&id).await;
-        Ok(self.get(&id).await?)
+        self.get(&id).await
     }
 
     /// Records a finished optimisation step (`metrics` is the whole curve so far).

@@ -129,7 +129,7 @@ pub struct JobGuard<'a> {
 
 /// What [`Registry::publish`] did.
 pub enum Publish {
-    Done { stored: AdapterRecord, old: Option<AdapterRecord> },
+    Done { stored: Box<AdapterRecord>, old: Option<Box<AdapterRecord>> },
     Exists,
     JobLost,
 }
@@ -240,7 +240,7 @@ impl Registry {
         if let Some(job) = job {
             self.db.notify(Change::Job(job.id.to_string())).await;
         }
-        Ok(Publish::Done { stored, old })
+        Ok(Publish::Done { stored: Box::new(stored), old: old.map(Box::new) })
     }
 
     /// `delete` in a transaction of its own, then tells every replica.

@@ -31,7 +31,7 @@ fn store_error(e: anyhow::Error) -> ApiError {
 /// it ended before a restart).
 enum Found {
     Here(Arc<Job>),
-    Stored(ImageJobRecord),
+    Stored(Box<ImageJobRecord>),
 }
 
 async fn find(state: &AppState, id: &str) -> Result<Found, ApiError> {
@@ -40,7 +40,7 @@ async fn find(state: &AppState, id: &str) -> Result<Found, ApiError> {
     }
     match state.jobs.records().get(id).await.map_err(store_error)? {
         // This process's own jobs it no longer holds were pruned: the record follows shortly.
-        Some(r) if r.owner != state.jobs.owner() => Ok(Found::Stored(r)),
+        Some(r) if r.owner != state.jobs.owner() => Ok(Found::Stored(Box::new(r))),
         _ => Err(not_found(id)),
     }
 }
