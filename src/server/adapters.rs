@@ -270,7 +270,7 @@ impl AdapterRegistry {
         self.sync().await.map_err(io)?;
         let listed = match only {
             None => self.blobs.list_dropped().await.map_err(io)?,
-            Some(name) => self.blobs.list_dropped().await.map_err(io)?.into_iter().filter(|l| l.name == name).collect(),
+            Some(name) => self.blobs.stat_dropped(name).await.map_err(io)?.into_iter().collect(),
         };
         let mut reload = AdapterReload { count: 0, added: vec![], removed: vec![], changed: vec![] };
         let listed_names: BTreeSet<&str> = listed.iter().map(|l| l.name.as_str()).collect();

@@ -78,6 +78,15 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+fn listed(object: object_store::ObjectMeta) -> Option<Listed> {
+    let name = object.location.filename()?.strip_suffix(".safetensors")?;
+    if !valid_name(name) {
+        return None;
+    }
+    let stamp = object.last_modified.timestamp_nanos_opt().unwrap_or_default();
+    Some(Listed { name: name.to_string(), size: object.size, version: format!("{stamp}:{}", object.e_tag.unwrap_or_default()) })
+}
+
 fn sidecar_key(name: &str) -> Path {
     Path::from(format!("{name}.json"))
 }
@@ -261,17 +270,18 @@ impl BlobStore {
     /// The adapters at the top of the store (`<name>.safetensors` with a valid name).
     pub async fn list_dropped(&self) -> Result<Vec<Listed>> {
         let listing = self.store.list_with_delimiter(None).await.with_context(|| format!("cannot list {}", self.description))?;
-        let mut found = Vec::new();
-        for object in listing.objects {
-            let Some(name) = object.location.filename().and_then(|f| f.strip_suffix(".safetensors")) else { continue };
-            if !valid_name(name) {
-                continue;
-            }
-            let stamp = object.last_modified.timestamp_nanos_opt().unwrap_or_default();
-            found.push(Listed { name: name.to_string(), size: object.size, version: format!("{stamp}:{}", object.e_tag.unwrap_or_default()) });
-        }
+        let mut found: Vec<Listed> = listing.objects.into_iter().filter_map(listed).collect();
         found.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(found)
+    }
+
+    /// [`Self::list_dropped`] for one name.
+    pub async fn stat_dropped(&self, name: &str) -> Result<Option<Listed>> {
+        match self.store.head(&Path::from(Self::dropped_key(name))).await {
+            Ok(meta) => Ok(listed(meta)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", self.description)),
+        }
     }
 
     /// Reads the bytes of a hand-put object (to hash and register it).

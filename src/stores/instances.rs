@@ -4,21 +4,11 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use sqlx::Row;
 
 use super::align_jobs::AlignJobStore;
 use super::db::Db;
 use super::image_jobs::ImageJobStore;
 use super::unix_now;
-
-/// A live process as the database knows it.
-#[derive(Debug, Clone)]
-pub struct InstanceInfo {
-    pub id: String,
-    pub role: String,
-    pub host: String,
-    pub started_at: u64,
-}
 
 /// The instance table.
 #[derive(Clone)]
@@ -59,20 +49,5 @@ impl Instances {
         let mut ended = AlignJobStore::new(self.db.clone()).interrupt_orphans().await?;
         ended.extend(ImageJobStore::new(self.db.clone()).interrupt_orphans().await?);
         Ok(ended)
-    }
-
-    /// The live processes.
-    pub async fn list(&self) -> Result<Vec<InstanceInfo>> {
-        let rows = sqlx::query("SELECT id, role, host, started_at FROM instances ORDER BY started_at, id").fetch_all(&self.db.pool).await?;
-        rows.iter()
-            .map(|r| {
-                Ok(InstanceInfo {
-                    id: r.try_get("id")?,
-                    role: r.try_get("role")?,
-                    host: r.try_get("host")?,
-                    started_at: r.try_get::<i64, _>("started_at")? as u64,
-                })
-            })
-            .collect()
     }
 }

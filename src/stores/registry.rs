@@ -165,10 +165,6 @@ impl Registry {
         Ok(Changes { revision, changed })
     }
 
-    pub async fn get(&self, name: &str) -> Result<Option<AdapterRecord>> {
-        current(&mut *self.db.pool.acquire().await?, name).await
-    }
-
     /// Writes `rec` (a new name, or a new version of one) in `conn`'s transaction; returns the
     /// record as stored and the version it replaced.
     pub async fn upsert(conn: &mut AnyConnection, rec: &AdapterRecord) -> Result<(AdapterRecord, Option<AdapterRecord>)> {
