@@ -88,11 +88,18 @@ pub async fn put_adapter(
     ApiQuery(query): ApiQuery<UploadQuery>,
     body: Body,
 ) -> Result<(StatusCode, Json<AdapterInfo>), ApiError> {
-    if !crate::stores::registry::valid_name(&name) {
-        return Err(AdapterError::InvalidName(name).into());
-    }
-    state.ready_model()?;
     let limit = state.config.max_upload_mb.saturating_mul(1024 * 1024);
+    let refusal = if !crate::stores::registry::valid_name(&name) {
+        Some(AdapterError::InvalidName(name.clone()).into())
+    } else {
+        state.ready_model().err()
+    };
+    if let Some(error) = refusal {
+        // Read (and drop) the body first: a client still sending would otherwise see the
+        // connection close instead of the error.
+        drain(body, limit).await;
+        return Err(error);
+    }
     let staged = state.adapters.blobs().stage(body.into_data_stream(), limit).await.map_err(|e| match e {
         StageError::TooLarge => ApiError::payload_too_large(format!("the adapter is larger than {} MiB (--max-upload-mb)", state.config.max_upload_mb)),
         StageError::Body(m) => ApiError::bad_request(m),
@@ -103,6 +110,19 @@ pub async fn put_adapter(
     }
     let (info, created) = state.adapters.install(&name, staged, None, query.overwrite, None).await?;
     Ok((if created { StatusCode::CREATED } else { StatusCode::OK }, Json(info)))
+}
+
+/// Reads a request body to its end (at most `limit` bytes), keeping nothing.
+async fn drain(body: Body, limit: u64) {
+    use futures_util::StreamExt;
+    let mut stream = body.into_data_stream();
+    let mut seen = 0u64;
+    while let Some(Ok(chunk)) = stream.next().await {
+        seen += chunk.len() as u64;
+        if seen > limit {
+            break;
+        }
+    }
 }
 
 /// Delete an adapter (file and sidecar); running jobs that use it are not affected.
