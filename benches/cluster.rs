@@ -20,7 +20,10 @@ fn percentiles(mut v: Vec<f64>) -> String {
     format!("median {:.0} ms, p95 {:.0} ms, max {:.0} ms (n = {})", at(0.5), at(0.95), at(1.0), v.len())
 }
 
-/// Uploads alternate between two adapter files on A; B is polled every 2 ms for the new sha.
+/// Uploads alternate between two adapter files on A; B is asked for images with the adapter
+/// (1 step, 32×32) until a response names the new sha256. (`GET /v1/adapters/{name}` would
+/// read the registry on demand; generation requests use the replica's snapshot, which the
+/// notifications and polls keep current.)
 fn propagation(a: &Sdserve, b: &Sdserve, n: usize) -> Vec<f64> {
     let files = ["probe_diffusers", "other_diffusers"].map(|f| std::fs::read(cluster_support::fixture_dir().join(format!("loras/{f}.safetensors"))).unwrap());
     (0..n)
@@ -28,9 +31,10 @@ fn propagation(a: &Sdserve, b: &Sdserve, n: usize) -> Vec<f64> {
             let resp = a.put("/v1/adapters/moving?overwrite=true", files[i % 2].clone());
             let uploaded = Instant::now();
             let sha = resp.json::<Value>().unwrap()["sha256"].as_str().unwrap().to_string();
+            let body = serde_json::json!({"prompt": "x", "size": "32x32", "steps": 1, "seed": 1, "loras": [{"name": "moving"}]});
             eventually(10.0, "B serves the new version", || {
-                let info = b.get_json("/v1/adapters/moving");
-                (info["sha256"].as_str() == Some(&sha)).then_some(())
+                let r: Value = b.post("/v1/images/generations", &body).json().ok()?;
+                (r["parameters"]["loras"][0]["sha256"].as_str() == Some(&sha)).then_some(())
             });
             uploaded.elapsed().as_secs_f64() * 1e3
         })

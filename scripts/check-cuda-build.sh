@@ -5,7 +5,8 @@
 #   1. makes a Python virtual environment in the work folder and installs nvcc and the CUDA
 #      headers from the Python package registry (nvidia-cuda-nvcc, nvidia-cuda-runtime,
 #      nvidia-cuda-nvrtc, nvidia-cuda-cccl, nvidia-cublas, nvidia-curand: CUDA 13, whose wheels share one
-#      toolkit-shaped folder `nvidia/cu13`; the CUDA 12 nvcc wheels hold only ptxas);
+#      toolkit-shaped folder `nvidia/cu13`; the CUDA 12 nvcc wheels hold only ptxas). nvvm and
+#      crt are pinned to nvcc's version: newer ones emit PTX its ptxas cannot assemble;
 #   2. uses that folder as CUDA_HOME;
 #   3. runs `cargo build --release --locked --features cuda --lib` with an explicit compute
 #      capability (CUDA_COMPUTE_CAP, default 80), so every CUDA kernel is compiled by nvcc.
@@ -32,7 +33,8 @@ if [ ! -x "$WORK/venv/bin/python" ]; then
 fi
 "$WORK/venv/bin/pip" install -q --disable-pip-version-check \
   "nvidia-cuda-nvcc==$VERSION" "nvidia-cuda-runtime==$VERSION" "nvidia-cuda-nvrtc==$VERSION" \
-  "nvidia-cuda-cccl==$VERSION" "nvidia-cublas" "nvidia-curand"
+  "nvidia-cuda-cccl==$VERSION" "nvidia-nvvm==$VERSION" "nvidia-cuda-crt==$VERSION" \
+  "nvidia-cublas" "nvidia-curand"
 HOME_DIR="$("$WORK/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nvidia/cu13"
 [ -x "$HOME_DIR/bin/nvcc" ] || { echo "no nvcc in $HOME_DIR/bin" >&2; exit 1; }
 # Library folder as a toolkit has it (lib64), for build scripts that look there.
