@@ -43,7 +43,7 @@ fn lora_gradients_match_finite_differences_f64() {
     let fx = training::training_fixture(DType::F64);
     let lora = adapter(&fx);
     let scheduler = Ddim::new(&fx.scheduler, 2, 0.0).unwrap();
-    let traj = Trajectory { unet: &fx.unet, scheduler: &scheduler, context: &fx.context, guidance_scale: 3.0, step_noise: vec![] };
+    let traj = Trajectory { unet: &fx.unet, scheduler: &scheduler, cond: &fx.cond, guidance_scale: 3.0, step_noise: vec![] };
     let x_t = NoiseRng::new(1).randn((1, 4, 8, 8), DType::F64, &Device::Cpu).unwrap();
     let obj = objective(&fx);
     let bp = full_graph(&traj, &lora, &x_t, 2, &obj).unwrap();
@@ -83,7 +83,7 @@ fn recompute_equals_full_graph_f64() {
     let fx = training::training_fixture(DType::F64);
     let lora = adapter(&fx);
     let scheduler = Ddim::new(&fx.scheduler, 4, 0.0).unwrap();
-    let traj = Trajectory { unet: &fx.unet, scheduler: &scheduler, context: &fx.context, guidance_scale: 3.0, step_noise: vec![] };
+    let traj = Trajectory { unet: &fx.unet, scheduler: &scheduler, cond: &fx.cond, guidance_scale: 3.0, step_noise: vec![] };
     let x_t = NoiseRng::new(2).randn((1, 4, 8, 8), DType::F64, &Device::Cpu).unwrap();
     let obj = objective(&fx);
     let full = full_graph(&traj, &lora, &x_t, 3, &obj).unwrap();

@@ -100,11 +100,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 /// `scale · up · down` of the single delta at `path`.
 fn delta_weight(lora: &PipelineLora, component: Component, path: &str) -> Tensor {
-    let set = match component {
-        Component::Unet => &lora.unet,
-        Component::TextEncoder => &lora.text_encoder,
-    };
-    let [d] = set.get(path) else {
+    let [d] = lora.component(component).get(path) else {
         panic!("expected one delta at {path}")
     };
     (d.up.matmul(&d.down).unwrap() * d.scale).unwrap()

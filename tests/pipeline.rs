@@ -1,10 +1,12 @@
-//! Every pipeline case of the fixture manifest reproduces diffusers' image from the stored
-//! initial latents.
+//! Every pipeline case of the fixture manifests (SD 1.x and SDXL) reproduces diffusers' image
+//! from the stored initial latents.
 
 mod common;
 
+use std::path::Path;
+
 use candle_core::{DType, Device, Tensor};
-use sdserve::engine::pipeline::{GenerateParams, StableDiffusion};
+use sdserve::engine::pipeline::{GenerateParams, ModelFamily, StableDiffusion};
 use sdserve::lora::{LoraAdapter, PipelineLora};
 use serde_json::Value;
 
@@ -22,42 +24,70 @@ fn case_loras(case: &Value) -> Vec<(String, f64)> {
     }
 }
 
-#[test]
-fn manifest_cases_match_diffusers() {
-    let dir = common::fixture_dir();
+/// The case's adapters loaded from `dir`, at their scales.
+fn loras(sd: &StableDiffusion, dir: &Path, files: &[(String, f64)]) -> PipelineLora {
+    let mut lora = PipelineLora::default();
+    for (file, scale) in files {
+        LoraAdapter::from_file(&dir.join(file), &sd.lora_targets, &Device::Cpu).unwrap().add_to(*scale, &mut lora);
+    }
+    lora
+}
+
+/// Our image `[H, W, 3]` for a manifest case, with `files` as its adapters.
+fn draw(sd: &StableDiffusion, dir: &Path, case: &Value, files: &[(String, f64)]) -> Tensor {
+    let params = GenerateParams {
+        prompt: case["prompt"].as_str().unwrap().into(),
+        negative_prompt: case["negative_prompt"].as_str().map(String::from),
+        steps: case["steps"].as_u64().unwrap() as usize,
+        guidance_scale: case["guidance_scale"].as_f64().unwrap(),
+        seed: 0,
+        width: case["width"].as_u64().unwrap() as usize,
+        height: case["height"].as_u64().unwrap() as usize,
+        scheduler: case["scheduler"].as_str().unwrap().parse().unwrap(),
+        eta: case["eta"].as_f64().unwrap(),
+        latents: Some(common::components_of(dir)["vae_latents"].clone()),
+    };
+    let image = sd.generate(&params, &loras(sd, dir, files), &mut |_, _| Ok(())).unwrap();
+    image.squeeze(0).unwrap().permute((1, 2, 0)).unwrap()
+}
+
+fn reference(dir: &Path, name: &str) -> Tensor {
+    candle_core::safetensors::load(dir.join(format!("reference/{name}.safetensors")), &Device::Cpu).unwrap()["image"].clone()
+}
+
+/// Checks every case of `dir/reference/manifest.json` at PSNR ≥ 40 dB; returns the cases.
+fn check_manifest(dir: &Path, expected_cases: usize) -> (StableDiffusion, Vec<Value>) {
     let manifest: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference/manifest.json")).unwrap()).unwrap();
-    let sd = StableDiffusion::load(&dir, &Device::Cpu, DType::F32).unwrap();
-    let latents = common::components()["vae_latents"].clone();
-    let cases = manifest["cases"].as_array().unwrap();
-    assert_eq!(cases.len(), 5);
-    for case in cases {
+    let sd = StableDiffusion::load(dir, &Device::Cpu, DType::F32).unwrap();
+    let cases = manifest["cases"].as_array().unwrap().clone();
+    assert_eq!(cases.len(), expected_cases);
+    for case in &cases {
         let name = case["name"].as_str().unwrap();
-        let mut lora = PipelineLora::default();
-        for (file, scale) in case_loras(case) {
-            LoraAdapter::from_file(&dir.join(file), &sd.lora_targets, &Device::Cpu).unwrap().add_to(scale, &mut lora);
-        }
-        let params = GenerateParams {
-            prompt: case["prompt"].as_str().unwrap().into(),
-            negative_prompt: case["negative_prompt"].as_str().unwrap().into(),
-            steps: case["steps"].as_u64().unwrap() as usize,
-            guidance_scale: case["guidance_scale"].as_f64().unwrap(),
-            seed: 0,
-            width: case["width"].as_u64().unwrap() as usize,
-            height: case["height"].as_u64().unwrap() as usize,
-            scheduler: case["scheduler"].as_str().unwrap().parse().unwrap(),
-            eta: case["eta"].as_f64().unwrap(),
-            latents: Some(latents.clone()),
-        };
-        let image = sd.generate(&params, &lora, &mut |_, _| Ok(())).unwrap();
-        let ours = image.squeeze(0).unwrap().permute((1, 2, 0)).unwrap();
-        let reference = candle_core::safetensors::load(dir.join(format!("reference/{name}.safetensors")), &Device::Cpu)
-            .unwrap()["image"]
-            .clone();
-        let p = psnr(&ours, &reference);
+        let p = psnr(&draw(&sd, dir, case, &case_loras(case)), &reference(dir, name));
         println!("{name}: PSNR {p:.1} dB");
         assert!(p >= 40.0, "{name}: PSNR {p:.1} dB < 40");
     }
+    (sd, cases)
+}
+
+#[test]
+fn manifest_cases_match_diffusers() {
+    let (sd, _) = check_manifest(&common::fixture_dir(), 5);
+    assert_eq!(sd.family, ModelFamily::Sd1);
+}
+
+#[test]
+fn sdxl_manifest_cases_match_diffusers() {
+    let dir = common::sdxl_fixture_dir();
+    let (sd, cases) = check_manifest(&dir, 5);
+    assert_eq!(sd.family, ModelFamily::Sdxl);
+    // The kohya file holds the same UNet and text encoder weights (alpha = rank / 2, up doubled).
+    let lora_case = cases.iter().find(|c| c["name"] == "ddim10_cfg5_probe_diffusers_0.8").unwrap();
+    let kohya = [("loras/probe_kohya.safetensors".to_string(), 0.8)];
+    let p = psnr(&draw(&sd, &dir, lora_case, &kohya), &reference(&dir, "ddim10_cfg5_probe_diffusers_0.8"));
+    println!("kohya file against the diffusers file's reference: PSNR {p:.1} dB");
+    assert!(p >= 40.0, "kohya: PSNR {p:.1} dB < 40");
 }
 
 #[test]

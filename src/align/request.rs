@@ -212,7 +212,7 @@ impl AlignRequest {
         };
         let cfg = AlignConfig {
             prompts: self.prompt_list()?,
-            negative_prompt: self.negative_prompt.clone().unwrap_or_default(),
+            negative_prompt: self.negative_prompt.clone(),
             steps: self.steps,
             adamw: AdamWConfig { lr: self.learning_rate, weight_decay: self.weight_decay, ..Default::default() },
             max_grad_norm: self.max_grad_norm,

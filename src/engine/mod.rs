@@ -4,4 +4,5 @@ pub mod denoise;
 pub mod image;
 pub mod noise;
 pub mod pipeline;
+mod prompt;
 pub mod scheduler;

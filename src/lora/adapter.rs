@@ -29,7 +29,8 @@ pub enum LoraFormat {
     Diffusers,
     /// `unet.<path>.lora_A.weight` (or `base_model.model.<path>.lora_A.weight`).
     Peft,
-    /// `lora_unet_<path_with_underscores>.lora_down.weight`, `lora_te_…`.
+    /// `lora_unet_<path_with_underscores>.lora_down.weight`, `lora_te_…` (`lora_te1_…`,
+    /// `lora_te2_…` for SDXL's two text encoders).
     Kohya,
 }
 
@@ -342,11 +343,7 @@ impl LoraAdapter {
     /// copied, and the base weights are never touched.
     pub fn add_to(&self, weight: f64, lora: &mut PipelineLora) {
         for m in &self.modules {
-            let set = match m.component {
-                Component::Unet => &mut lora.unet,
-                Component::TextEncoder => &mut lora.text_encoder,
-            };
-            set.push(
+            lora.component_mut(m.component).push(
                 m.path.clone(),
                 LoraDelta {
                     down: m.down.clone(),
@@ -360,13 +357,16 @@ impl LoraAdapter {
 
 /// Understands one tensor key of any supported format.
 fn parse_key<'k>(key: &'k str, targets: &'k LoraTargets) -> Result<ParsedKey<'k>, KeyError> {
-    const KOHYA: [(&str, Component); 2] = [
+    const KOHYA: [(&str, Component); 4] = [
         ("lora_unet_", Component::Unet),
         ("lora_te_", Component::TextEncoder),
+        ("lora_te1_", Component::TextEncoder),
+        ("lora_te2_", Component::TextEncoder2),
     ];
-    const DOTTED: [(&str, Component); 3] = [
+    const DOTTED: [(&str, Component); 4] = [
         ("unet.", Component::Unet),
         ("text_encoder.", Component::TextEncoder),
+        ("text_encoder_2.", Component::TextEncoder2),
         ("base_model.model.", Component::Unet),
     ];
     const SUFFIXES: [(&str, Option<LoraFormat>, Role); 7] = [
@@ -417,7 +417,7 @@ fn parse_key<'k>(key: &'k str, targets: &'k LoraTargets) -> Result<ParsedKey<'k>
             let Some(path) = rest.strip_suffix(suffix) else {
                 continue;
             };
-            let base = targets.shape(component, path).ok_or(KeyError::NotInModel)?;
+            let (path, base) = targets.resolve(component, path).ok_or(KeyError::NotInModel)?;
             return Ok(ParsedKey {
                 format,
                 component,

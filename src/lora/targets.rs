@@ -13,9 +13,11 @@ use serde::{Deserialize, Serialize};
 /// Largest safetensors header read (the format's own limit).
 const MAX_HEADER: u64 = 100_000_000;
 
-/// The text encoder's module paths start with this, whether or not its weight file does
+/// The text encoders' module paths start with this, whether or not their weight files do
 /// (transformers ≥ 5 saves `CLIPTextModel` without it), as in `model::clip`.
 const TEXT_MODEL_PREFIX: &str = "text_model.";
+/// The projection of `CLIPTextModelWithProjection`, which sits outside `text_model`.
+const TEXT_PROJECTION: &str = "text_projection";
 
 /// A model component that adapters can modify.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -23,14 +25,18 @@ const TEXT_MODEL_PREFIX: &str = "text_model.";
 pub enum Component {
     Unet,
     TextEncoder,
+    /// SDXL's second text encoder.
+    #[serde(rename = "text_encoder_2")]
+    TextEncoder2,
 }
 
 impl Component {
-    /// The diffusers name, also the adapter key prefix (`unet`, `text_encoder`).
+    /// The diffusers name, also the adapter key prefix (`unet`, `text_encoder`, `text_encoder_2`).
     pub fn as_str(self) -> &'static str {
         match self {
             Component::Unet => "unet",
             Component::TextEncoder => "text_encoder",
+            Component::TextEncoder2 => "text_encoder_2",
         }
     }
 }
@@ -48,24 +54,23 @@ struct ComponentTargets {
     shapes: BTreeMap<String, Vec<usize>>,
     /// Kohya's underscored module name → module path.
     underscored: HashMap<String, String>,
+    /// The prefix every module path of the tower starts with (`text_model.`), which adapter
+    /// keys may leave out; empty for the UNet.
+    prefix: &'static str,
 }
 
 impl ComponentTargets {
     /// Builds the targets from tensor names and shapes: every 2-D or 4-D `<path>.weight`
-    /// except embedding tables. `prefix` is prepended to every path when no name has it.
+    /// except embedding tables. `prefix` is prepended to the paths of a file that stores
+    /// them without it (except `text_projection`, outside the tower).
     fn new<S: AsRef<str>>(
         tensors: impl IntoIterator<Item = (S, Vec<usize>)>,
-        prefix: &str,
+        prefix: &'static str,
     ) -> Self {
         let tensors: Vec<_> = tensors.into_iter().collect();
-        let prefix = if tensors
+        let has_prefix = tensors
             .iter()
-            .any(|(name, _)| name.as_ref().starts_with(prefix))
-        {
-            ""
-        } else {
-            prefix
-        };
+            .any(|(name, _)| name.as_ref().starts_with(prefix));
         let mut shapes = BTreeMap::new();
         for (name, shape) in tensors {
             let Some(path) = name.as_ref().strip_suffix(".weight") else {
@@ -75,7 +80,8 @@ impl ComponentTargets {
             if !matches!(shape.len(), 2 | 4) || last.ends_with("embedding") {
                 continue;
             }
-            shapes.insert(format!("{prefix}{path}"), shape);
+            let add = if has_prefix || path == TEXT_PROJECTION { "" } else { prefix };
+            shapes.insert(format!("{add}{path}"), shape);
         }
         let underscored = shapes
             .keys()
@@ -84,7 +90,30 @@ impl ComponentTargets {
         Self {
             shapes,
             underscored,
+            prefix,
         }
+    }
+
+    /// The module path and shape for `path`, with or without the tower prefix.
+    fn resolve(&self, path: &str) -> Option<(&str, &[usize])> {
+        let found = self.shapes.get_key_value(path).or_else(|| {
+            let prefixed = format!("{}{path}", self.prefix);
+            (!self.prefix.is_empty())
+                .then(|| self.shapes.get_key_value(&prefixed))
+                .flatten()
+        });
+        found.map(|(p, s)| (p.as_str(), s.as_slice()))
+    }
+
+    /// The module path for an underscored name, with or without the tower prefix.
+    fn from_underscored(&self, name: &str) -> Option<&str> {
+        let found = self.underscored.get(name).or_else(|| {
+            let prefixed = format!("{}{name}", self.prefix.replace('.', "_"));
+            (!self.prefix.is_empty())
+                .then(|| self.underscored.get(&prefixed))
+                .flatten()
+        });
+        found.map(String::as_str)
     }
 }
 
@@ -97,6 +126,7 @@ impl ComponentTargets {
 pub struct LoraTargets {
     unet: ComponentTargets,
     text_encoder: ComponentTargets,
+    text_encoder_2: ComponentTargets,
 }
 
 impl LoraTargets {
@@ -109,6 +139,12 @@ impl LoraTargets {
         ))
     }
 
+    /// Adds SDXL's second text encoder from its weight file's header.
+    pub fn with_text_encoder_2(mut self, text_encoder_2: &Path) -> Result<Self> {
+        self.text_encoder_2 = ComponentTargets::new(read_shapes(text_encoder_2)?, TEXT_MODEL_PREFIX);
+        Ok(self)
+    }
+
     /// Builds the targets from `(tensor name, shape)` lists, as they appear in the weight files.
     pub fn from_tensors<U, T, S>(unet: U, text_encoder: T) -> Self
     where
@@ -119,6 +155,7 @@ impl LoraTargets {
         Self {
             unet: ComponentTargets::new(unet, ""),
             text_encoder: ComponentTargets::new(text_encoder, TEXT_MODEL_PREFIX),
+            text_encoder_2: ComponentTargets::default(),
         }
     }
 
@@ -126,6 +163,7 @@ impl LoraTargets {
         match component {
             Component::Unet => &self.unet,
             Component::TextEncoder => &self.text_encoder,
+            Component::TextEncoder2 => &self.text_encoder_2,
         }
     }
 
@@ -137,12 +175,16 @@ impl LoraTargets {
             .map(Vec::as_slice)
     }
 
-    /// The module path for kohya's underscored name (`down_blocks_0_attentions_0_proj_in`).
+    /// The module path and base weight shape an adapter key's `path` names. Text encoder
+    /// paths may leave out `text_model.` (the key form transformers ≥ 5 writes).
+    pub fn resolve(&self, component: Component, path: &str) -> Option<(&str, &[usize])> {
+        self.component(component).resolve(path)
+    }
+
+    /// The module path for kohya's underscored name (`down_blocks_0_attentions_0_proj_in`;
+    /// text encoders' with or without `text_model_`).
     pub fn from_underscored(&self, component: Component, name: &str) -> Option<&str> {
-        self.component(component)
-            .underscored
-            .get(name)
-            .map(String::as_str)
+        self.component(component).from_underscored(name)
     }
 
     /// All modules of `component` with their base weight shapes, sorted by path.

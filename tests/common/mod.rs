@@ -13,6 +13,11 @@ pub fn fixture_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd1")
 }
 
+/// The tiny diffusers-made SDXL pipeline copied from the shared fixtures.
+pub fn sdxl_fixture_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sdxl")
+}
+
 /// A fresh, empty folder under the system temp dir, removed on drop.
 pub struct TempDir(pub PathBuf);
 
@@ -34,7 +39,12 @@ impl Drop for TempDir {
 
 /// The reference tensors of `reference/components.safetensors`.
 pub fn components() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture_dir().join("reference/components.safetensors"), &Device::Cpu)
+    components_of(&fixture_dir())
+}
+
+/// The reference tensors of a fixture folder's `reference/components.safetensors`.
+pub fn components_of(dir: &std::path::Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(dir.join("reference/components.safetensors"), &Device::Cpu)
         .expect("reference components")
 }
 

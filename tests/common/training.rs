@@ -1,6 +1,7 @@
 //! The fixture model parts the training tests need, loaded in any dtype.
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
+use sdserve::model::unet::Conditioning;
 
 use crate::common::{components, fixture_dir};
 
@@ -11,7 +12,7 @@ pub struct TrainingFixture {
     pub scheduler: sdserve::model::config::SchedulerConfig,
     pub targets: sdserve::lora::LoraTargets,
     /// `[2, 77, 32]` text embeddings (empty prompt first).
-    pub context: Tensor,
+    pub cond: Conditioning,
 }
 
 pub fn training_fixture(dtype: candle_core::DType) -> TrainingFixture {
@@ -37,6 +38,6 @@ pub fn training_fixture(dtype: candle_core::DType) -> TrainingFixture {
         vae,
         scheduler: read_json(&dir.join("scheduler/scheduler_config.json")).unwrap(),
         targets,
-        context: components()["text_embeddings"].to_dtype(dtype).unwrap(),
+        cond: Conditioning::text(components()["text_embeddings"].to_dtype(dtype).unwrap()),
     }
 }
