@@ -101,6 +101,8 @@ struct ParsedKey<'k> {
 enum KeyError {
     Unknown,
     NotInModel,
+    /// A key of SDXL's second text encoder for a model without one.
+    NoTextEncoder2,
 }
 
 /// The tensors found for one module.
@@ -177,6 +179,10 @@ impl LoraAdapter {
                 }
                 Err(KeyError::NotInModel) => {
                     problems.add("modules not in the base model", name);
+                    continue;
+                }
+                Err(KeyError::NoTextEncoder2) => {
+                    problems.add("keys for text_encoder_2, which this model does not have (an SDXL adapter on an SD 1.x/2.x model?)", name);
                     continue;
                 }
             };
@@ -386,10 +392,15 @@ fn parse_key<'k>(key: &'k str, targets: &'k LoraTargets) -> Result<ParsedKey<'k>
         (".lora_B.weight", Some(LoraFormat::Peft), Role::Up),
         (".alpha", None, Role::Alpha),
     ];
+    let present = |component| match component {
+        Component::TextEncoder2 if !targets.has(component) => Err(KeyError::NoTextEncoder2),
+        _ => Ok(()),
+    };
     for (prefix, component) in KOHYA {
         let Some(rest) = key.strip_prefix(prefix) else {
             continue;
         };
+        present(component)?;
         let (name, suffix) = rest.split_once('.').ok_or(KeyError::Unknown)?;
         let role = match suffix {
             "lora_down.weight" => Role::Down,
@@ -413,6 +424,7 @@ fn parse_key<'k>(key: &'k str, targets: &'k LoraTargets) -> Result<ParsedKey<'k>
         let Some(rest) = key.strip_prefix(prefix) else {
             continue;
         };
+        present(component)?;
         for (suffix, format, role) in SUFFIXES {
             let Some(path) = rest.strip_suffix(suffix) else {
                 continue;

@@ -167,6 +167,11 @@ impl LoraTargets {
         }
     }
 
+    /// Whether the model has the component (SD 1.x / 2.x have no `text_encoder_2`).
+    pub fn has(&self, component: Component) -> bool {
+        !self.component(component).shapes.is_empty()
+    }
+
     /// The base weight shape of the module at `path`, if the model has one.
     pub fn shape(&self, component: Component, path: &str) -> Option<&[usize]> {
         self.component(component)
@@ -296,5 +301,30 @@ mod tests {
             te,
             ["text_model.encoder.layers.0.mlp.fc1", "text_projection"]
         );
+    }
+
+    #[test]
+    fn paths_without_the_tower_prefix_resolve() {
+        // transformers ≥ 5 layout: no `text_model.` in the file; `text_projection` outside it.
+        let targets = LoraTargets::from_tensors(
+            [("conv_in.weight", vec![32, 4, 3, 3])],
+            [
+                ("encoder.layers.0.self_attn.q_proj.weight", vec![32, 32]),
+                ("text_projection.weight", vec![16, 32]),
+            ],
+        );
+        let te: Vec<_> = targets.modules(Component::TextEncoder).map(|(p, _)| p).collect();
+        assert_eq!(te, ["text_model.encoder.layers.0.self_attn.q_proj", "text_projection"]);
+        let q = Some(("text_model.encoder.layers.0.self_attn.q_proj", &[32, 32][..]));
+        assert_eq!(targets.resolve(Component::TextEncoder, "encoder.layers.0.self_attn.q_proj"), q);
+        assert_eq!(targets.resolve(Component::TextEncoder, "text_model.encoder.layers.0.self_attn.q_proj"), q);
+        assert_eq!(targets.resolve(Component::TextEncoder, "text_projection"), Some(("text_projection", &[16, 32][..])));
+        assert_eq!(
+            targets.from_underscored(Component::TextEncoder, "encoder_layers_0_self_attn_q_proj"),
+            Some("text_model.encoder.layers.0.self_attn.q_proj")
+        );
+        // The UNet has no prefix to leave out; a model without a second text encoder has no targets there.
+        assert_eq!(targets.resolve(Component::Unet, "in"), None);
+        assert!(targets.has(Component::TextEncoder) && !targets.has(Component::TextEncoder2));
     }
 }
