@@ -36,6 +36,8 @@ pub struct AlignRequest {
     /// A built-in prompt list: `shapes` or `simple_animals`.
     #[serde(default)]
     pub prompt_set: Option<String>,
+    /// Guidance's unconditional prompt; left out as in generation requests (the empty prompt,
+    /// or zero embeddings on SDXL models).
     #[serde(default)]
     pub negative_prompt: Option<String>,
     /// Weighted rewards to maximise.

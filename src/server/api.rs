@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::engine::image::OutputFormat;
+pub use crate::engine::pipeline::ModelFamily;
 use crate::engine::scheduler::SchedulerKind;
 
 // ---------------------------------------------------------------------------------------------
@@ -464,6 +465,8 @@ pub struct ModelInfo {
     pub owned_by: String,
     /// Loaded and accepting requests.
     pub ready: bool,
+    /// `sd1`, `sd2` or `sdxl`, once loaded (`null` while loading or after a failed load).
+    pub family: Option<ModelFamily>,
 }
 
 /// `GET /health`.

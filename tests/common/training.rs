@@ -1,4 +1,5 @@
 //! The fixture model parts the training tests need, loaded in any dtype.
+#![allow(dead_code)]
 
 use std::path::Path;
 

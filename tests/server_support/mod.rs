@@ -15,7 +15,7 @@ pub const FIXTURE_ADAPTERS: [&str; 3] = ["probe_diffusers", "probe_kohya", "othe
 
 #[path = "../common/mod.rs"]
 mod common;
-pub use common::fixture_dir;
+pub use common::{fixture_dir, sdxl_fixture_dir};
 
 pub fn fixture_lora(name: &str) -> PathBuf {
     fixture_dir()
