@@ -1,10 +1,11 @@
 //! SDXL's prompt encoding against diffusers' `encode_prompt` for the fixture, the conditioning
-//! it builds (zero negatives, time ids), and the model's checks on its folder.
+//! it builds (zero negatives, time ids), f16 weight files, the model's checks on its folder
+//! and the family each folder gets.
 
 mod common;
 
 use candle_core::{DType, Device, IndexOp};
-use sdserve::engine::pipeline::{ModelFamily, StableDiffusion};
+use sdserve::engine::pipeline::{GenerateParams, ModelFamily, StableDiffusion};
 use sdserve::lora::PipelineLora;
 
 const PROMPT: &str = "two red circles and a blue square";
@@ -56,21 +57,7 @@ fn conditioning_zeros_time_ids_and_guidance() {
 #[test]
 fn folders_that_do_not_fit_are_refused_by_name() {
     let tmp = common::TempDir::new("sdxl-folder");
-    let copy = |to: &std::path::Path| {
-        for entry in std::fs::read_dir(common::sdxl_fixture_dir()).unwrap() {
-            let entry = entry.unwrap();
-            if entry.file_type().unwrap().is_dir() && entry.file_name() != "reference" && entry.file_name() != "loras" {
-                let dest = to.join(entry.file_name());
-                std::fs::create_dir_all(&dest).unwrap();
-                for f in std::fs::read_dir(entry.path()).unwrap() {
-                    let f = f.unwrap();
-                    std::fs::copy(f.path(), dest.join(f.file_name())).unwrap();
-                }
-            } else if entry.file_type().unwrap().is_file() {
-                std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-            }
-        }
-    };
+    let copy = |to: &std::path::Path| common::copy_model(&common::sdxl_fixture_dir(), to);
     let err = |dir: &std::path::Path| format!("{:#}", StableDiffusion::load(dir, &Device::Cpu, DType::F32).err().unwrap());
 
     // A refiner-like folder without the second text encoder.
@@ -90,4 +77,44 @@ fn folders_that_do_not_fit_are_refused_by_name() {
     cfg["addition_time_embed_dim"] = serde_json::Value::Null;
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     assert!(err(&bad).contains("needs addition_time_embed_dim"), "{}", err(&bad));
+}
+
+#[test]
+fn the_family_follows_the_folder() {
+    // SD 2.x differs from SD 1.x by its OpenCLIP text encoder (`hidden_act: gelu`).
+    let tmp = common::TempDir::new("sd2-folder");
+    common::copy_model(&common::fixture_dir(), &tmp.0);
+    let cfg_path = tmp.0.join("text_encoder/config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["hidden_act"] = "gelu".into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let sd2 = StableDiffusion::load(&tmp.0, &Device::Cpu, DType::F32).unwrap();
+    assert_eq!((sd2.family, sd2.sdxl.is_none()), (ModelFamily::Sd2, true));
+    let sd1 = StableDiffusion::load(&common::fixture_dir(), &Device::Cpu, DType::F32).unwrap();
+    assert_eq!(sd1.family, ModelFamily::Sd1);
+}
+
+#[test]
+fn fp16_weight_files_draw_what_the_f32_files_draw_in_f16() {
+    // diffusers' `variant="fp16"` layout: `<stem>.fp16.safetensors` only.
+    let tmp = common::TempDir::new("sdxl-fp16");
+    common::copy_model(&common::sdxl_fixture_dir(), &tmp.0);
+    for (part, stem) in [("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model"), ("text_encoder_2", "model")] {
+        let f32_file = tmp.0.join(part).join(format!("{stem}.safetensors"));
+        let tensors = candle_core::safetensors::load(&f32_file, &Device::Cpu).unwrap();
+        let half: std::collections::HashMap<String, candle_core::Tensor> =
+            tensors.into_iter().map(|(k, t)| (k, t.to_dtype(DType::F16).unwrap())).collect();
+        candle_core::safetensors::save(&half, tmp.0.join(part).join(format!("{stem}.fp16.safetensors"))).unwrap();
+        std::fs::remove_file(f32_file).unwrap();
+    }
+    let params = GenerateParams { steps: 3, guidance_scale: 5.0, ..GenerateParams::new(PROMPT, 5, 32, 32) };
+    let draw = |dir: &std::path::Path| {
+        let sd = StableDiffusion::load(dir, &Device::Cpu, DType::F16).unwrap();
+        assert_eq!(sd.vae_dtype, DType::F32, "force_upcast");
+        let image = sd.generate(&params, &PipelineLora::default(), &mut |_, _| Ok(())).unwrap();
+        image.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    let from_fp16_files = draw(&tmp.0);
+    assert_eq!(from_fp16_files, draw(&common::sdxl_fixture_dir()));
+    assert!(from_fp16_files.iter().all(|v| v.is_finite()));
 }

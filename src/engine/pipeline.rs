@@ -16,7 +16,7 @@ use crate::model::config::{read_json, ClipTextConfig, ModelIndex, SchedulerConfi
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::vae::AutoencoderKL;
-use crate::model::weights::{find_weights, open};
+use crate::model::weights::{find_weights, open, open_rounded};
 
 /// Everything one generation needs besides the adapters.
 #[derive(Clone, Debug)]
@@ -150,10 +150,13 @@ impl StableDiffusion {
         let vae_dir = dir.join("vae");
         let vae_cfg: VaeConfig = read_json(&vae_dir.join("config.json"))?;
         let vae_file = find_weights(&vae_dir, "diffusion_pytorch_model")?;
-        // StableDiffusionXLPipeline decodes with an f16 VAE upcast to f32 when it says so.
-        let vae_dtype = if family == ModelFamily::Sdxl && dtype == DType::F16 && vae_cfg.force_upcast { DType::F32 } else { dtype };
-        let vae = AutoencoderKL::new(open(&vae_file, vae_dtype, device)?, &vae_cfg)
-            .with_context(|| format!("loading vae from {}", vae_file.display()))?;
+        // StableDiffusionXLPipeline decodes with the f16 VAE upcast to f32 when it says so.
+        let upcast = family == ModelFamily::Sdxl && dtype == DType::F16 && vae_cfg.force_upcast;
+        let (vae_dtype, vae_vb) = match upcast {
+            true => (DType::F32, open_rounded(&vae_file, dtype, DType::F32, device)?),
+            false => (dtype, open(&vae_file, dtype, device)?),
+        };
+        let vae = AutoencoderKL::new(vae_vb, &vae_cfg).with_context(|| format!("loading vae from {}", vae_file.display()))?;
 
         let scheduler_config = read_json(&dir.join("scheduler/scheduler_config.json"))?;
         Ok(Self {

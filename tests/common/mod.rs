@@ -37,6 +37,22 @@ impl Drop for TempDir {
     }
 }
 
+/// Copies a model folder's files (not `reference/` or `loras/`) to `to`.
+pub fn copy_model(from: &std::path::Path, to: &std::path::Path) {
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name();
+        if entry.file_type().unwrap().is_dir() {
+            if name != "reference" && name != "loras" {
+                copy_model(&entry.path(), &to.join(&name));
+            }
+        } else {
+            std::fs::create_dir_all(to).unwrap();
+            std::fs::copy(entry.path(), to.join(&name)).unwrap();
+        }
+    }
+}
+
 /// The reference tensors of `reference/components.safetensors`.
 pub fn components() -> HashMap<String, Tensor> {
     components_of(&fixture_dir())
