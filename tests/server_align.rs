@@ -136,12 +136,12 @@ fn align_job_writes_an_adapter_that_the_next_request_uses() {
 
 #[test]
 fn sdxl_align_job_writes_an_adapter_that_the_next_request_uses() {
-    let s = start(|c| c.model = server_support::sdxl_fixture_dir());
+    let s = start(|c| c.model = server_support::common::sdxl_fixture_dir());
     let models: Value = s.get("/v1/models").json().unwrap();
     assert_eq!(models["data"][0]["family"], "sdxl");
 
     // An SDXL adapter (UNet and both text encoders) uploads and draws; an SD 1.x one is refused.
-    let probe = std::fs::read(server_support::sdxl_fixture_dir().join("loras/probe_diffusers.safetensors")).unwrap();
+    let probe = std::fs::read(server_support::common::sdxl_fixture_dir().join("loras/probe_diffusers.safetensors")).unwrap();
     assert_eq!(s.put_bytes("/v1/adapters/probe_sdxl", probe).status(), StatusCode::CREATED);
     let request = |lora: Option<&str>| {
         let mut body = json!({"prompt": "two red circles", "size": "32x32", "steps": 4, "guidance_scale": 5.0,

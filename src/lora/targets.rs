@@ -106,7 +106,7 @@ impl ComponentTargets {
     }
 
     /// The module path for an underscored name, with or without the tower prefix.
-    fn from_underscored(&self, name: &str) -> Option<&str> {
+    fn underscored_path(&self, name: &str) -> Option<&str> {
         let found = self.underscored.get(name).or_else(|| {
             let prefixed = format!("{}{name}", self.prefix.replace('.', "_"));
             (!self.prefix.is_empty())
@@ -189,7 +189,7 @@ impl LoraTargets {
     /// The module path for kohya's underscored name (`down_blocks_0_attentions_0_proj_in`;
     /// text encoders' with or without `text_model_`).
     pub fn from_underscored(&self, component: Component, name: &str) -> Option<&str> {
-        self.component(component).from_underscored(name)
+        self.component(component).underscored_path(name)
     }
 
     /// All modules of `component` with their base weight shapes, sorted by path.

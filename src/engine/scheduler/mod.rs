@@ -4,7 +4,6 @@
 mod ddim;
 mod dpm_solver;
 mod euler;
-mod euler_ancestral;
 pub mod schedule;
 
 use std::str::FromStr;
@@ -16,7 +15,6 @@ use serde::{Deserialize, Serialize};
 pub use ddim::{Ddim, Prediction};
 pub use dpm_solver::DpmSolverMultistep;
 pub use euler::Euler;
-pub use euler_ancestral::EulerAncestral;
 
 use crate::engine::noise::NoiseRng;
 use crate::model::config::SchedulerConfig;
@@ -72,7 +70,7 @@ impl SchedulerKind {
         Ok(match self {
             SchedulerKind::Ddim => Box::new(Ddim::new(cfg, steps, eta)?),
             SchedulerKind::Euler => Box::new(Euler::new(cfg, steps)?),
-            SchedulerKind::EulerA => Box::new(EulerAncestral::new(cfg, steps)?),
+            SchedulerKind::EulerA => Box::new(Euler::ancestral(cfg, steps)?),
             SchedulerKind::DpmPp2m => Box::new(DpmSolverMultistep::new(cfg, steps, false)?),
             SchedulerKind::DpmPp2mKarras => Box::new(DpmSolverMultistep::new(cfg, steps, true)?),
         })
