@@ -6,8 +6,10 @@ shared fixtures do not have, drawn by diffusers from the fixtures' own stored in
   encoder (`loras/te_probe_diffusers.safetensors` as `save_lora_weights` writes it with
   transformers 5, and `te_probe_kohya.safetensors`, the same weights in kohya naming).
 - tiny-sdxl: no negative prompt (zero embeddings by `force_zeros_for_empty_prompt`), the Euler
-  scheduler with trailing / linspace timestep spacing and with Karras sigmas, and the whole
-  pipeline in float16 (VAE upcast to float32 by `force_upcast`).
+  scheduler with trailing / linspace timestep spacing and with Karras sigmas, the whole
+  pipeline in float16 (VAE upcast to float32 by `force_upcast`), and a kohya LoRA in the
+  original Stability UNet naming sd-scripts writes for SDXL (`lora_unet_input_blocks_…`) on
+  every linear and convolution of the UNet (`loras/locon_sgm_kohya.safetensors`).
 
 Writes reference/<case>.safetensors (`image`, HxWx3 in [0, 1]) and .png, and
 reference/extra_manifest.json, whose cases may carry `scheduler_config` overrides and a
@@ -85,6 +87,51 @@ def text_encoder_lora(pipe, dir):
                     str(dir / "loras" / "te_probe_kohya.safetensors")], check=True)
 
 
+def sgm_name(path, layers_per_block):
+    """The original (sgm) UNet module name of a diffusers UNet module path."""
+    per = layers_per_block + 1
+    outside = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "time_embedding.linear_1": "time_embed.0",
+               "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+               "add_embedding.linear_2": "label_emb.0.2"}
+    if path in outside:
+        return outside[path]
+    resnet = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+              "conv_shortcut": "skip_connection"}
+    p = path.split(".")
+    if p[0] == "mid_block":
+        seq = {("resnets", "0"): 0, ("attentions", "0"): 1, ("resnets", "1"): 2}[(p[1], p[2])]
+        inner = ".".join(p[3:])
+        return f"middle_block.{seq}." + (resnet.get(inner, inner) if p[1] == "resnets" else inner)
+    block, kind, layer, inner = int(p[1]), p[2], int(p[3]), ".".join(p[4:])
+    if p[0] == "down_blocks":
+        if kind == "downsamplers":
+            return f"input_blocks.{(block + 1) * per}.0.op"
+        return f"input_blocks.{1 + block * per + layer}.{['resnets', 'attentions'].index(kind)}." + (
+            resnet.get(inner, inner) if kind == "resnets" else inner)
+    if kind == "upsamplers":
+        return f"output_blocks.{block * per + layers_per_block}.2.{inner}"
+    return f"output_blocks.{block * per + layer}.{['resnets', 'attentions'].index(kind)}." + (
+        resnet.get(inner, inner) if kind == "resnets" else inner)
+
+
+def sgm_kohya_lora(pipe, dir):
+    """A rank-4 kohya LoRA (alpha 2) on every linear and convolution of the UNet, named as
+    sd-scripts names SDXL modules; diffusers must attach every module of it."""
+    gen = torch.Generator().manual_seed(13)
+    out = {}
+    lpb = pipe.unet.config.layers_per_block
+    for name, m in pipe.unet.named_modules():
+        if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            continue
+        w = m.weight
+        down = torch.randn((4,) + tuple(w.shape[1:]), generator=gen) * 0.3
+        up = torch.randn((w.shape[0], 4) + ((1, 1) if w.dim() == 4 else ()), generator=gen) * 0.3
+        key = "lora_unet_" + sgm_name(name, lpb).replace(".", "_")
+        out.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(2.0)})
+    save_file(out, str(dir / "loras" / "locon_sgm_kohya.safetensors"))
+    return len(out) // 3
+
+
 def sd1():
     dir = FIXTURES / "tiny-sd1"
     load = lambda: StableDiffusionPipeline.from_pretrained(dir, safety_checker=None, requires_safety_checker=False)
@@ -112,6 +159,13 @@ def sdxl():
     draw(pipe, dir, cases, "euler8_cfg5_trailing", 8, 5.0, "euler", sched_cfg={"timestep_spacing": "trailing"})
     draw(pipe, dir, cases, "euler8_cfg5_linspace", 8, 5.0, "euler", sched_cfg={"timestep_spacing": "linspace"})
     draw(pipe, dir, cases, "euler8_cfg5_karras", 8, 5.0, "euler", sched_cfg={"use_karras_sigmas": True})
+    modules = sgm_kohya_lora(pipe, dir)
+    pipe.load_lora_weights(dir / "loras", weight_name="locon_sgm_kohya.safetensors", adapter_name="sgm")
+    attached = sum(1 for _, m in pipe.unet.named_modules() if hasattr(m, "lora_A") and "sgm" in m.lora_A)
+    assert attached == modules, f"diffusers attached {attached} of {modules} modules"
+    pipe.set_adapters(["sgm"], adapter_weights=[0.8])
+    draw(pipe, dir, cases, "euler8_cfg5_locon_sgm_kohya_0.8", 8, 5.0, "euler",
+         loras=[{"file": "loras/locon_sgm_kohya.safetensors", "scale": 0.8}])
     pipe = StableDiffusionXLPipeline.from_pretrained(dir, dtype=torch.float16)
     pipe.set_progress_bar_config(disable=True)
     draw(pipe, dir, cases, "euler8_cfg5_noneg_f16", 8, 5.0, "euler", neg=None, dtype="f16")

@@ -456,6 +456,11 @@ fn sdxl_files_cover_the_unet_and_both_text_encoders() {
     }
     assert_same_deltas(&diffusers, &kohya);
 
+    // sd-scripts' SDXL naming (`lora_unet_input_blocks_4_1_…`), on every UNet linear and conv.
+    let sgm = LoraAdapter::from_file(&dir.join("locon_sgm_kohya.safetensors"), &targets, &Device::Cpu).unwrap();
+    assert_eq!((sgm.format(), sgm.num_modules()), (LoraFormat::Kohya, targets.modules(Component::Unet).count()));
+    assert!(sgm.modules().iter().any(|m| m.path == "up_blocks.0.upsamplers.0.conv" && m.down.dims() == [4, 64, 3, 3]));
+
     // An SDXL adapter on an SD 1.x model: the second text encoder's keys are named.
     let err = LoraAdapter::from_file(&dir.join("probe_diffusers.safetensors"), &self::targets(), &Device::Cpu).unwrap_err();
     let err = format!("{err:#}");

@@ -134,8 +134,9 @@ fn sdxl_manifest_cases_match_diffusers() {
     let cases = check_manifest(&mut models, "manifest.json", 5);
     // The kohya file holds the same UNet and text encoder weights (alpha = rank / 2, up doubled).
     check_kohya(&mut models, &cases, "ddim10_cfg5_probe_diffusers_0.8", "loras/probe_kohya.safetensors");
-    // No negative prompt (zero embeddings), Euler's spacings and Karras sigmas, float16.
-    check_manifest(&mut models, "extra_manifest.json", 5);
+    // No negative prompt (zero embeddings), Euler's spacings and Karras sigmas, a kohya LoRA on
+    // every UNet layer in the sgm naming sd-scripts writes for SDXL, float16.
+    check_manifest(&mut models, "extra_manifest.json", 6);
     let f16 = models.loaded.get("f16").map(|(sd, _)| (sd.family, sd.vae_dtype));
     assert_eq!(f16, Some((ModelFamily::Sdxl, DType::F32)), "force_upcast keeps the f16 model's VAE in f32");
 }

@@ -30,7 +30,8 @@ pub enum LoraFormat {
     /// `unet.<path>.lora_A.weight` (or `base_model.model.<path>.lora_A.weight`).
     Peft,
     /// `lora_unet_<path_with_underscores>.lora_down.weight`, `lora_te_…` (`lora_te1_…`,
-    /// `lora_te2_…` for SDXL's two text encoders).
+    /// `lora_te2_…` for SDXL's two text encoders; SDXL UNet paths also in the original
+    /// `input_blocks_…` naming sd-scripts writes).
     Kohya,
 }
 
@@ -410,6 +411,7 @@ fn parse_key<'k>(key: &'k str, targets: &'k LoraTargets) -> Result<ParsedKey<'k>
         };
         let path = targets
             .from_underscored(component, name)
+            .or_else(|| sgm_path(targets, component, name))
             .ok_or(KeyError::NotInModel)?;
         let base = targets.shape(component, path).ok_or(KeyError::NotInModel)?;
         return Ok(ParsedKey {
@@ -440,6 +442,12 @@ fn parse_key<'k>(key: &'k str, targets: &'k LoraTargets) -> Result<ParsedKey<'k>
         }
     }
     Err(KeyError::Unknown)
+}
+
+/// The module path of kohya's sgm-named SDXL UNet module (`input_blocks_4_1_…`).
+fn sgm_path<'t>(targets: &'t LoraTargets, component: Component, name: &str) -> Option<&'t str> {
+    let diffusers = super::sgm::to_diffusers(name, targets.unet_layers_per_block())?;
+    (component == Component::Unet).then(|| targets.from_underscored(component, &diffusers)).flatten()
 }
 
 /// Whether `down` / `up` fit a base weight of shape `base` (`[out, in]` or `[out, in, kh, kw]`):

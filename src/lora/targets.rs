@@ -192,6 +192,13 @@ impl LoraTargets {
         self.component(component).underscored_path(name)
     }
 
+    /// Resnets per UNet down block (diffusers' `layers_per_block`), counted in down block 0.
+    pub fn unet_layers_per_block(&self) -> usize {
+        let prefix = "down_blocks.0.resnets.";
+        let resnets = self.unet.shapes.range(prefix.to_string()..).take_while(|(p, _)| p.starts_with(prefix));
+        resnets.filter(|(p, _)| p.ends_with(".conv1")).count()
+    }
+
     /// All modules of `component` with their base weight shapes, sorted by path.
     pub fn modules(&self, component: Component) -> impl Iterator<Item = (&str, &[usize])> {
         self.component(component)
