@@ -77,6 +77,16 @@ fn folders_that_do_not_fit_are_refused_by_name() {
     cfg["addition_time_embed_dim"] = serde_json::Value::Null;
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     assert!(err(&bad).contains("needs addition_time_embed_dim"), "{}", err(&bad));
+
+    // A VAE with latent statistics, which StableDiffusionXLPipeline would apply.
+    let stats = tmp.0.join("latent-stats");
+    copy(&stats);
+    let vae_path = stats.join("vae/config.json");
+    let mut vae: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&vae_path).unwrap()).unwrap();
+    vae["latents_mean"] = serde_json::json!([0.0, 0.1, 0.2, 0.3]);
+    vae["latents_std"] = serde_json::json!([1.0, 1.1, 1.2, 1.3]);
+    std::fs::write(&vae_path, vae.to_string()).unwrap();
+    assert!(err(&stats).contains("latents_mean / latents_std"), "{}", err(&stats));
 }
 
 #[test]

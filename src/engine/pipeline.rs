@@ -149,6 +149,9 @@ impl StableDiffusion {
 
         let vae_dir = dir.join("vae");
         let vae_cfg: VaeConfig = read_json(&vae_dir.join("config.json"))?;
+        if family == ModelFamily::Sdxl && vae_cfg.latents_mean.is_some() && vae_cfg.latents_std.is_some() {
+            bail!("vae config: latents_mean / latents_std (used by SDXL pipelines) are not supported");
+        }
         let vae_file = find_weights(&vae_dir, "diffusion_pytorch_model")?;
         // StableDiffusionXLPipeline decodes with the f16 VAE upcast to f32 when it says so.
         let upcast = family == ModelFamily::Sdxl && dtype == DType::F16 && vae_cfg.force_upcast;
@@ -192,14 +195,7 @@ impl StableDiffusion {
     /// Latents → images `[B, 3, H, W]` in `[0, 1]`, in the VAE's dtype.
     pub fn decode(&self, latents: &Tensor) -> candle_core::Result<Tensor> {
         let cfg = self.vae.config();
-        let latents = latents.to_dtype(self.vae_dtype)?;
-        let z = match (&cfg.latents_mean, &cfg.latents_std, self.family) {
-            (Some(mean), Some(std), ModelFamily::Sdxl) => {
-                let stats = |v: &[f64]| Tensor::from_iter(v.iter().copied(), latents.device())?.to_dtype(self.vae_dtype)?.reshape((1, (), 1, 1));
-                ((latents.broadcast_mul(&stats(std)?)? / cfg.scaling_factor)?).broadcast_add(&stats(mean)?)?
-            }
-            _ => (latents / cfg.scaling_factor)?,
-        };
+        let z = (latents.to_dtype(self.vae_dtype)? / cfg.scaling_factor)?;
         let z = match cfg.shift_factor {
             Some(s) => (z + s)?,
             None => z,

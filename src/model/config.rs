@@ -275,7 +275,8 @@ pub struct VaeConfig {
     /// SDXL pipelines decode an f16 model's latents with the VAE in f32.
     #[serde(default = "default_true")]
     pub force_upcast: bool,
-    /// Per-channel latent statistics some SDXL-family VAEs give instead of `scaling_factor` alone.
+    /// Per-channel latent statistics some SDXL-family VAEs give (StableDiffusionXLPipeline
+    /// uses them; SD 1.x/2.x pipelines ignore them).
     #[serde(default)]
     pub latents_mean: Option<Vec<f64>>,
     #[serde(default)]
@@ -296,11 +297,6 @@ impl VaeConfig {
         }
         if self.block_out_channels.iter().any(|c| c % self.norm_num_groups != 0) {
             bail!("vae config: block_out_channels must be multiples of norm_num_groups");
-        }
-        for stats in [&self.latents_mean, &self.latents_std].into_iter().flatten() {
-            if stats.len() != self.latent_channels {
-                bail!("vae config: latents_mean and latents_std need one value per latent channel ({})", self.latent_channels);
-            }
         }
         Ok(())
     }
