@@ -5,4 +5,5 @@ pub mod device;
 pub mod image;
 pub mod noise;
 pub mod pipeline;
+mod prompt;
 pub mod scheduler;

@@ -40,7 +40,7 @@ const PROGRESS_WRITE_INTERVAL: Duration = Duration::from_millis(250);
 #[derive(Clone)]
 pub struct JobSpec {
     pub prompt: String,
-    pub negative_prompt: String,
+    pub negative_prompt: Option<String>,
     pub steps: usize,
     pub guidance_scale: f64,
     pub width: usize,
