@@ -14,7 +14,7 @@ use sdserve::engine::noise::NoiseRng;
 use sdserve::lora::LoraSet;
 use sdserve::model::config::{UNetConfig, VaeConfig};
 use sdserve::model::nn::{self, GroupNorm};
-use sdserve::model::unet::UNet2DConditionModel;
+use sdserve::model::unet::{Conditioning, UNet2DConditionModel};
 use sdserve::model::vae::AutoencoderKL;
 
 /// Random frozen weights (uniform in ±1/√fan_in; norms at 1 and 0), generated per tensor.
@@ -142,7 +142,7 @@ fn run(case: &str) -> Result<()> {
             let unet = UNet2DConditionModel::new(vb(), &cfg).map_err(candle_core::Error::wrap)?;
             let side = if case == "unet_512" { 64 } else { 32 };
             let x = randn(9, (2, 4, side, side))?;
-            let ctx = randn(10, (2, 77, 768))?;
+            let ctx = Conditioning::text(randn(10, (2, 77, 768))?);
             time(case, 1, || unet.forward(&x, 500.0, &ctx, LoraSet::none()).map(drop))
         }
         "vae_decode_512" | "vae_decode_256" => {

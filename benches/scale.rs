@@ -164,15 +164,16 @@ fn timed(reps: usize, mut work: impl FnMut() -> Result<f64>) -> Result<(Vec<f64>
 /// (a mean of the output, or the loss) and the peak RSS.
 fn run_row(sd: &StableDiffusion, row: &Row, args: &Args) -> Result<serde_json::Value> {
     let inputs = args.inputs.as_deref();
-    let context = sd.text_embeddings(PROMPT, "", GUIDANCE, LoraSet::none())?;
+    // The size only matters to SDXL's time ids.
+    let encode = |size: usize| sd.conditioning(PROMPT, Some(""), GUIDANCE, (size, size), &PipelineLora::default());
     let (times, check) = match *row {
         Row::Text => timed(args.reps, || {
-            scalar(&sd.text_embeddings(PROMPT, "", GUIDANCE, LoraSet::none())?.abs()?.mean_all()?)
+            scalar(&encode(sd.native_size())?.context.abs()?.mean_all()?)
         })?,
         Row::Unet { size } => {
-            let x = latents(sd, inputs, size, 1)?;
+            let (x, cond) = (latents(sd, inputs, size, 1)?, encode(size)?);
             timed(args.reps, || {
-                let eps = guided_noise_pred(&sd.unet, &x, UNET_T, &context, GUIDANCE, LoraSet::none())?;
+                let eps = guided_noise_pred(&sd.unet, &x, UNET_T, &cond, GUIDANCE, LoraSet::none())?;
                 scalar(&eps.abs()?.mean_all()?)
             })?
         }
@@ -194,7 +195,7 @@ fn run_row(sd: &StableDiffusion, row: &Row, args: &Args) -> Result<serde_json::V
             let rewards = WeightedRewards::new(vec![(Box::new(Brightness), 1.0)]);
             let batch = Batch {
                 prompts: vec![PROMPT.to_string(); batch],
-                contexts: vec![context.clone(); batch],
+                conds: vec![encode(size)?; batch],
                 x_t: latents(sd, inputs, size, batch)?,
                 step_noise: vec![],
                 ks: vec![k; batch],

@@ -1,5 +1,6 @@
-//! LoRA gradients through UNet step → DDIM update → VAE decode → reward are correct: an f64
-//! finite-difference check, and the step-by-step recompute equals full-graph backprop.
+//! LoRA gradients through UNet step → DDIM update → VAE decode → reward are correct: f64
+//! finite-difference checks (SD 1.x and SDXL UNets), and the layer-by-layer recompute (also
+//! of a batch of trajectories) equals full-graph backprop.
 
 mod common;
 #[path = "common/training.rs"]
@@ -11,6 +12,7 @@ use sdserve::align::backprop::{full_graph, recompute, Backprop, Objective, Traje
 use sdserve::engine::noise::NoiseRng;
 use sdserve::engine::scheduler::Ddim;
 use sdserve::lora::TrainableLora;
+use sdserve::model::unet::{AddedConditions, Conditioning};
 
 /// A rank-2 adapter on every attention projection with non-zero `up`, so both factors get
 /// gradient.
@@ -36,12 +38,12 @@ fn dot(a: &[Tensor], b: &[Tensor]) -> f64 {
     a.iter().zip(b).map(|(x, y)| (x * y).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()).sum()
 }
 
-#[test]
-fn lora_gradients_match_finite_differences_f64() {
-    let fx = training::training_fixture(DType::F64);
-    let lora = adapter(&fx);
+/// Directional derivatives of the loss along random directions in the down and in the up
+/// factors: the analytic gradient against central differences.
+fn check_finite_differences(fx: &training::TrainingFixture) {
+    let lora = adapter(fx);
     let scheduler = Ddim::new(&fx.scheduler, 2, 0.0).unwrap();
-    let traj = Trajectory { unet: &fx.unet, scheduler: &scheduler, context: &fx.context, guidance_scale: 3.0, step_noise: vec![] };
+    let traj = Trajectory { unet: &fx.unet, scheduler: &scheduler, cond: &fx.cond, guidance_scale: 3.0, step_noise: vec![] };
     let x_t = NoiseRng::new(1).randn((1, 4, 8, 8), DType::F64, &Device::Cpu).unwrap();
     let decoder = fx.vae.scaled_decoder();
     let obj = Objective { decoder: &decoder, score: &score };
@@ -86,11 +88,24 @@ fn rel_err(a: &[Tensor], b: &[Tensor]) -> f64 {
 }
 
 #[test]
-fn recompute_equals_full_graph_f64() {
-    let fx = training::training_fixture(DType::F64);
-    let lora = adapter(&fx);
+fn lora_gradients_match_finite_differences_f64() {
+    check_finite_differences(&training::training_fixture(DType::F64));
+}
+
+#[test]
+fn sdxl_lora_gradients_match_finite_differences_f64() {
+    // Through the SDXL UNet: pooled text embedding and time ids in the time embedding, two
+    // transformer layers per block, cross-attention over both encoders' states.
+    let fx = training::sdxl_training_fixture(DType::F64);
+    assert!(fx.unet.takes_added_conditions());
+    check_finite_differences(&fx);
+}
+
+/// The layer-by-layer recompute gives the full graph's loss and gradient.
+fn check_recompute(fx: &training::TrainingFixture) {
+    let lora = adapter(fx);
     let scheduler = Ddim::new(&fx.scheduler, 4, 0.0).unwrap();
-    let traj = Trajectory { unet: &fx.unet, scheduler: &scheduler, context: &fx.context, guidance_scale: 3.0, step_noise: vec![] };
+    let traj = Trajectory { unet: &fx.unet, scheduler: &scheduler, cond: &fx.cond, guidance_scale: 3.0, step_noise: vec![] };
     let x_t = NoiseRng::new(2).randn((1, 4, 8, 8), DType::F64, &Device::Cpu).unwrap();
     let decoder = fx.vae.scaled_decoder();
     let obj = Objective { decoder: &decoder, score: &score };
@@ -102,34 +117,47 @@ fn recompute_equals_full_graph_f64() {
     assert!(rel <= 1e-12, "relative L2 error {rel:e}");
 }
 
+#[test]
+fn recompute_equals_full_graph_f64() {
+    check_recompute(&training::training_fixture(DType::F64));
+}
+
+#[test]
+fn sdxl_recompute_equals_full_graph_f64() {
+    check_recompute(&training::sdxl_training_fixture(DType::F64));
+}
+
 /// Two trajectories sharing every UNet call, with DDIM noise (eta 1) and a different
 /// truncation each, give the mean of their separate full-graph gradients.
-#[test]
-fn batched_recompute_equals_separate_full_graphs_f64() {
-    let fx = training::training_fixture(DType::F64);
-    let lora = adapter(&fx);
+fn check_batched_recompute(fx: &training::TrainingFixture) {
+    let lora = adapter(fx);
     let scheduler = Ddim::new(&fx.scheduler, 4, 1.0).unwrap();
     let mut rng = NoiseRng::new(3);
     let starts: Vec<Tensor> = (0..2).map(|_| rng.randn((1, 4, 8, 8), DType::F64, &Device::Cpu).unwrap()).collect();
     let noises: Vec<Vec<Tensor>> = (0..2).map(|_| (0..4).map(|_| rng.randn((1, 4, 8, 8), DType::F64, &Device::Cpu).unwrap()).collect()).collect();
-    // A second prompt: the fixture's conditional row perturbed.
-    let uncond = fx.context.narrow(0, 0, 1).unwrap();
-    let conds = [fx.context.narrow(0, 1, 1).unwrap(), (fx.context.narrow(0, 1, 1).unwrap() * 0.7).unwrap()];
+    // A second prompt: the fixture's conditional row with its text embeddings scaled.
+    let uncond = fx.cond.narrow(0, 1).unwrap();
+    let prompt = fx.cond.narrow(1, 1).unwrap();
+    let other = Conditioning {
+        context: (&prompt.context * 0.7).unwrap(),
+        added: prompt.added.as_ref().map(|a| AddedConditions { text_embeds: (&a.text_embeds * 0.7).unwrap(), time_ids: a.time_ids.clone() }),
+    };
+    let prompts = [prompt, other];
     let decoder = fx.vae.scaled_decoder();
     let obj = Objective { decoder: &decoder, score: &score };
     let ks = [1, 3];
 
     let separate: Vec<Backprop> = (0..2)
         .map(|b| {
-            let context = Tensor::cat(&[&uncond, &conds[b]], 0).unwrap();
+            let cond = Conditioning::cat(&[uncond.clone(), prompts[b].clone()]).unwrap();
             let step_noise = noises[b].iter().cloned().map(Some).collect();
-            let traj = Trajectory { unet: &fx.unet, scheduler: &scheduler, context: &context, guidance_scale: 3.0, step_noise };
+            let traj = Trajectory { unet: &fx.unet, scheduler: &scheduler, cond: &cond, guidance_scale: 3.0, step_noise };
             full_graph(&traj, &lora, &starts[b], ks[b], &obj).unwrap()
         })
         .collect();
-    let context = Tensor::cat(&[&uncond, &uncond, &conds[0], &conds[1]], 0).unwrap();
+    let cond = Conditioning::cat(&[uncond.clone(), uncond, prompts[0].clone(), prompts[1].clone()]).unwrap();
     let step_noise = (0..4).map(|i| Some(Tensor::cat(&[&noises[0][i], &noises[1][i]], 0).unwrap())).collect();
-    let traj = Trajectory { unet: &fx.unet, scheduler: &scheduler, context: &context, guidance_scale: 3.0, step_noise };
+    let traj = Trajectory { unet: &fx.unet, scheduler: &scheduler, cond: &cond, guidance_scale: 3.0, step_noise };
     let batched = recompute(&traj, &lora, &Tensor::cat(&starts, 0).unwrap(), &ks, &obj).unwrap();
 
     let mean_loss = (separate[0].loss + separate[1].loss) / 2.0;
@@ -144,3 +172,12 @@ fn batched_recompute_equals_separate_full_graphs_f64() {
     assert!(rel <= 1e-12, "relative L2 error {rel:e}");
 }
 
+#[test]
+fn batched_recompute_equals_separate_full_graphs_f64() {
+    check_batched_recompute(&training::training_fixture(DType::F64));
+}
+
+#[test]
+fn sdxl_batched_recompute_equals_separate_full_graphs_f64() {
+    check_batched_recompute(&training::sdxl_training_fixture(DType::F64));
+}

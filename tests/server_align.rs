@@ -140,6 +140,44 @@ fn align_job_writes_an_adapter_that_the_next_request_uses() {
 }
 
 #[test]
+fn sdxl_align_job_writes_an_adapter_that_the_next_request_uses() {
+    let s = start(|c| c.model = server_support::common::sdxl_fixture_dir());
+    let models: Value = s.get("/v1/models").json().unwrap();
+    assert_eq!(models["data"][0]["family"], "sdxl");
+
+    // An SDXL adapter (UNet and both text encoders) uploads and draws; an SD 1.x one is refused.
+    let probe = std::fs::read(server_support::common::sdxl_fixture_dir().join("loras/probe_diffusers.safetensors")).unwrap();
+    assert_eq!(s.put_bytes("/v1/adapters/probe_sdxl", probe).status(), StatusCode::CREATED);
+    let request = |lora: Option<&str>| {
+        let mut body = json!({"prompt": "two red circles", "size": "32x32", "steps": 4, "guidance_scale": 5.0,
+            "scheduler": "euler", "seed": 7});
+        if let Some(name) = lora {
+            body["loras"] = json!([{"name": name, "weight": 1.0}]);
+        }
+        body
+    };
+    let base = s.image_b64(request(None));
+    assert_ne!(s.image_b64(request(Some("probe_sdxl"))), base);
+    let err = assert_error(s.post_json("/v1/images/generations", &request(Some("probe_diffusers"))), StatusCode::BAD_REQUEST);
+    assert!(err["message"].as_str().unwrap().contains("not in the base model"), "{err}");
+
+    // AlignProp on the SDXL UNet's attention; the adapter is used by the next request.
+    let mut body = align_body("sdxl-brighter", 3);
+    body["truncation"] = json!({"k": 2});
+    let job = submit(&s, &body);
+    let done = wait_align(&s, job["id"].as_str().unwrap(), terminal);
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["metrics"].as_array().unwrap().len(), 3);
+    let adapters: Value = s.get("/v1/adapters").json().unwrap();
+    let entry = adapters["data"].as_array().unwrap().iter().find(|a| a["name"] == "sdxl-brighter").cloned().expect("listed");
+    assert_eq!(entry["source"], "align_job", "{entry}");
+    let trained = s.image_b64(request(Some("sdxl-brighter")));
+    assert_ne!(trained, base, "the trained adapter must change the image");
+    assert_eq!(s.image_b64(request(None)), base, "no adapter after an adapter run must be unchanged");
+    s.assert_still_serving();
+}
+
+#[test]
 fn bad_align_requests_get_clear_errors() {
     let s = start(|_| {});
     let with = |k: &str, v: Value| {
@@ -174,7 +212,7 @@ fn bad_align_requests_get_clear_errors() {
 
 #[test]
 fn cancel_stops_a_running_job_and_records_persist() {
-    let s = start(|_| {});
+    let s = start(|c| c.stores.lease_timeout_s = Some(2.0));
     let running = submit(&s, &align_body("long", 500));
     let id = running["id"].as_str().unwrap().to_string();
     // A second job waits behind it; cancelling it is immediate.
@@ -183,8 +221,25 @@ fn cancel_stops_a_running_job_and_records_persist() {
     assert_eq!(align_job(&s, &qid)["queue_position"], 1);
     let c: Value = s.post_json(&format!("/v1/align/jobs/{qid}/cancel"), &json!({})).json().unwrap();
     assert_eq!(c["status"], "cancelled");
+    let events: Value = s.get(&format!("/v1/align/jobs/{qid}/events")).json().unwrap();
+    assert_eq!(events["data"].as_array().unwrap().last().unwrap()["type"], "cancelled", "{events}");
 
     wait_align(&s, &id, |j| j["step"].as_u64().unwrap_or(0) >= 1);
+    // A job claimed by a trainer that never heartbeats (it died) ends interrupted after the
+    // lease timeout; the busy trainer here leaves it to the ghost.
+    let state = &s.server.state;
+    let ghost_id = s.server.block_on(async {
+        let request: sdserve::align::request::AlignRequest = serde_json::from_value(align_body("ghosted", 2)).unwrap();
+        let job = state.stores.align.submit(&request, 1).await.unwrap();
+        let claimed = state.stores.align.claim("trainer-ghost").await.unwrap().expect("the one queued job");
+        assert_eq!(claimed.id, job.id);
+        job.id
+    });
+    let ghosted = wait_align(&s, &ghost_id, terminal);
+    assert_eq!(ghosted["status"], "failed", "{ghosted}");
+    assert_eq!(ghosted["error"]["code"], "interrupted", "{ghosted}");
+    assert!(!s.adapters_dir.join("ghosted.safetensors").exists());
+
     let resp = s.post_json(&format!("/v1/align/jobs/{id}/cancel"), &json!({}));
     assert_eq!(resp.status(), StatusCode::OK);
     let done = wait_align(&s, &id, terminal);
@@ -195,17 +250,13 @@ fn cancel_stops_a_running_job_and_records_persist() {
     assert_eq!(err["code"], "job_finished");
     s.assert_still_serving();
 
-    // Records persist; one left "running" by a crash reads back as failed/interrupted.
-    let records = s.root.join("data/align_jobs");
-    let mut crashed: Value = serde_json::from_slice(&std::fs::read(records.join(format!("{id}.json"))).unwrap()).unwrap();
-    crashed["id"] = json!("alignjob-crashed");
-    crashed["status"] = json!("running");
-    std::fs::write(records.join("alignjob-crashed.json"), serde_json::to_vec(&crashed).unwrap()).unwrap();
-    let jobs = sdserve::align::jobs::AlignJobs::open(&records).unwrap();
-    assert_eq!(jobs.get(&id).unwrap().status, sdserve::align::jobs::AlignStatus::Cancelled);
-    let reread = jobs.get("alignjob-crashed").unwrap();
-    assert_eq!(reread.status, sdserve::align::jobs::AlignStatus::Failed);
-    assert_eq!(reread.error.unwrap().code, "interrupted");
+    // Records persist across a restart.
+    let s = s.restart();
+    assert_eq!(align_job(&s, &id)["status"], "cancelled");
+    assert_eq!(align_job(&s, &qid)["status"], "cancelled");
+    assert_eq!(align_job(&s, &ghost_id)["error"]["code"], "interrupted");
+    let list: Value = s.get("/v1/align/jobs").json().unwrap();
+    assert_eq!(list["data"].as_array().unwrap().len(), 3);
 }
 
 #[test]

@@ -19,16 +19,15 @@ use crate::engine::denoise::{combine_guidance, guidance_input};
 use crate::engine::scheduler::Ddim;
 use crate::lora::{LoraSet, TrainableLora};
 use crate::model::staged::{run_to_one, Staged};
-use crate::model::unet::UNet2DConditionModel;
+use crate::model::unet::{Conditioning, UNet2DConditionModel};
 
 /// A batch of B trajectories sampled together: the frozen UNet, the DDIM schedule and the
 /// conditioning.
 pub struct Trajectory<'a> {
     pub unet: &'a UNet2DConditionModel,
     pub scheduler: &'a Ddim,
-    /// `[2B, T, D]` (the B unconditional rows first, then the B prompts) with guidance, else
-    /// `[B, T, D]`.
-    pub context: &'a Tensor,
+    /// Batch 2B (the B unconditional rows first, then the B prompts) with guidance, else B.
+    pub cond: &'a Conditioning,
     pub guidance_scale: f64,
     /// Per-step noise `[B, C, h, w]` for DDIM with eta > 0 (drawn once so a recompute sees the
     /// same).
@@ -57,7 +56,7 @@ impl Trajectory<'_> {
 
     /// Step `i` as layers: the guidance input, the UNet's layers, guidance and the DDIM update.
     fn step_pass<'b>(&'b self, i: usize, lora: &'b LoraSet) -> Result<StepPass<'b>> {
-        let timesteps = vec![self.scheduler.timesteps()[i]; self.context.dim(0)?];
+        let timesteps = vec![self.scheduler.timesteps()[i]; self.cond.batch()?];
         Ok(StepPass { traj: self, i, lora, timesteps })
     }
 }
@@ -73,11 +72,11 @@ struct StepPass<'a> {
 
 impl Staged for StepPass<'_> {
     fn layers(&self) -> usize {
-        self.traj.unet.pass(&self.timesteps, self.traj.context, self.lora).layers() + 2
+        self.traj.unet.pass(&self.timesteps, self.traj.cond, self.lora).layers() + 2
     }
 
     fn reads(&self, i: usize) -> usize {
-        let unet = self.traj.unet.pass(&self.timesteps, self.traj.context, self.lora);
+        let unet = self.traj.unet.pass(&self.timesteps, self.traj.cond, self.lora);
         match i {
             0 => 1,
             i if i <= unet.layers() => unet.reads(i - 1),
@@ -87,7 +86,7 @@ impl Staged for StepPass<'_> {
 
     fn run(&self, i: usize, top: Vec<Tensor>) -> Result<Vec<Tensor>> {
         let traj = self.traj;
-        let unet = traj.unet.pass(&self.timesteps, traj.context, self.lora);
+        let unet = traj.unet.pass(&self.timesteps, traj.cond, self.lora);
         if i > 0 && i <= unet.layers() {
             return unet.run(i - 1, top);
         }

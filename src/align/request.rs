@@ -36,6 +36,8 @@ pub struct AlignRequest {
     /// A built-in prompt list: `shapes` or `simple_animals`.
     #[serde(default)]
     pub prompt_set: Option<String>,
+    /// Guidance's unconditional prompt; left out as in generation requests (the empty prompt,
+    /// or zero embeddings on SDXL models).
     #[serde(default)]
     pub negative_prompt: Option<String>,
     /// Weighted rewards to maximise.
@@ -86,7 +88,7 @@ pub struct AlignRequest {
     #[serde(default)]
     pub validation: Option<Validation>,
     /// Image width; defaults to the model's native size (UNet `sample_size` × the VAE's
-    /// scale factor: 512 for SD 1.5, 64 for the embedded default model).
+    /// scale factor: 512 for SD 1.5, 1024 for SDXL, 64 for the embedded default model).
     #[serde(default)]
     #[schema(example = 512)]
     pub width: Option<usize>,
@@ -221,7 +223,7 @@ impl AlignRequest {
         };
         let cfg = AlignConfig {
             prompts: self.prompt_list()?,
-            negative_prompt: self.negative_prompt.clone().unwrap_or_default(),
+            negative_prompt: self.negative_prompt.clone(),
             steps: self.steps,
             adamw: AdamWConfig { lr: self.learning_rate, weight_decay: self.weight_decay, ..Default::default() },
             max_grad_norm: self.max_grad_norm,

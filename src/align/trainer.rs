@@ -17,7 +17,8 @@ use crate::engine::noise::NoiseRng;
 use crate::engine::denoise::uses_guidance;
 use crate::engine::pipeline::{to_pixels, StableDiffusion};
 use crate::engine::scheduler::Ddim;
-use crate::lora::{LoraSet, TrainableLora};
+use crate::lora::{LoraSet, PipelineLora, TrainableLora};
+use crate::model::unet::Conditioning;
 use crate::rewards::WeightedRewards;
 
 /// How many final denoising steps carry gradient.
@@ -50,7 +51,8 @@ impl Truncation {
 #[derive(Clone, Debug)]
 pub struct AlignConfig {
     pub prompts: Vec<String>,
-    pub negative_prompt: String,
+    /// `None` as in generation requests (zero embeddings for SDXL's `force_zeros_for_empty_prompt`).
+    pub negative_prompt: Option<String>,
     pub steps: usize,
     pub adamw: AdamWConfig,
     pub max_grad_norm: f64,
@@ -117,23 +119,28 @@ pub enum StopReason {
     TimeBudget,
 }
 
-/// Text embeddings per prompt, computed once.
+/// The conditioning per prompt, computed once.
 struct PromptCache<'a> {
     sd: &'a StableDiffusion,
-    negative: &'a str,
-    guidance: f64,
-    cache: HashMap<String, Tensor>,
+    cfg: &'a AlignConfig,
+    cache: HashMap<String, Conditioning>,
 }
 
 impl PromptCache<'_> {
-    fn get(&mut self, prompt: &str) -> Result<Tensor> {
-        if let Some(t) = self.cache.get(prompt) {
-            return Ok(t.clone());
+    fn get(&mut self, prompt: &str) -> Result<Conditioning> {
+        if let Some(c) = self.cache.get(prompt) {
+            return Ok(c.clone());
         }
-        let t = self.sd.text_embeddings(prompt, self.negative, self.guidance, LoraSet::none())?;
-        self.cache.insert(prompt.to_string(), t.clone());
-        Ok(t)
+        let c = prompt_conditioning(self.sd, self.cfg, prompt)?;
+        self.cache.insert(prompt.to_string(), c.clone());
+        Ok(c)
     }
+}
+
+/// The conditioning of a training or validation image for `prompt`, without adapters.
+fn prompt_conditioning(sd: &StableDiffusion, cfg: &AlignConfig, prompt: &str) -> Result<Conditioning> {
+    let size = (cfg.width, cfg.height);
+    sd.conditioning(prompt, cfg.negative_prompt.as_deref(), cfg.guidance_scale, size, &PipelineLora::default())
 }
 
 /// How a run ended.
@@ -155,7 +162,7 @@ pub fn train(
     cfg.validate()?;
     let shape = sd.latent_shape(cfg.width, cfg.height)?;
     let scheduler = Ddim::new(&sd.scheduler_config, cfg.sampler_steps, cfg.eta)?;
-    let mut prompts = PromptCache { sd, negative: &cfg.negative_prompt, guidance: cfg.guidance_scale, cache: HashMap::new() };
+    let mut prompts = PromptCache { sd, cfg, cache: HashMap::new() };
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let mut opt = AdamW::new(lora.vars().into_iter().cloned().collect(), cfg.adamw)?;
     let started = Instant::now();
@@ -205,8 +212,8 @@ pub fn train(
 /// The trajectories of one micro-batch, sampled together.
 pub struct Batch {
     pub prompts: Vec<String>,
-    /// Each trajectory's text embeddings, as [`StableDiffusion::text_embeddings`] returns them.
-    pub contexts: Vec<Tensor>,
+    /// Each trajectory's conditioning, as [`StableDiffusion::conditioning`] returns it.
+    pub conds: Vec<Conditioning>,
     /// Initial noise `[B, C, h, w]`.
     pub x_t: Tensor,
     /// DDIM noise per step `[B, C, h, w]` when eta > 0 (empty otherwise).
@@ -217,11 +224,11 @@ pub struct Batch {
 
 /// Draws a micro-batch from `rng`, trajectory by trajectory: prompt, noise seed, truncation.
 fn draw_batch(sd: &StableDiffusion, cfg: &AlignConfig, shape: (usize, usize, usize, usize), prompts: &mut PromptCache, rng: &mut ChaCha8Rng) -> Result<Batch> {
-    let mut batch = Batch { prompts: vec![], contexts: vec![], x_t: Tensor::zeros(0, sd.dtype, &sd.device)?, step_noise: vec![], ks: vec![] };
+    let mut batch = Batch { prompts: vec![], conds: vec![], x_t: Tensor::zeros(0, sd.dtype, &sd.device)?, step_noise: vec![], ks: vec![] };
     let (mut starts, mut noises): (Vec<Tensor>, Vec<Vec<Tensor>>) = (vec![], vec![]);
     for _ in 0..cfg.batch_size {
         let prompt = cfg.prompts[rng.random_range(0..cfg.prompts.len())].clone();
-        batch.contexts.push(prompts.get(&prompt)?);
+        batch.conds.push(prompts.get(&prompt)?);
         batch.prompts.push(prompt);
         let mut noise = NoiseRng::new(rng.random());
         starts.push(noise.randn(shape, sd.dtype, &sd.device)?);
@@ -239,14 +246,14 @@ fn draw_batch(sd: &StableDiffusion, cfg: &AlignConfig, shape: (usize, usize, usi
     Ok(batch)
 }
 
-/// Per-trajectory text embeddings stacked for one batched UNet call: with guidance the
+/// Per-trajectory conditionings stacked for one batched UNet call: with guidance the
 /// unconditional rows of every trajectory first, then their prompts.
-fn batch_context(contexts: &[Tensor], guidance_scale: f64) -> candle_core::Result<Tensor> {
+fn batch_conditioning(conds: &[Conditioning], guidance_scale: f64) -> candle_core::Result<Conditioning> {
     if !uses_guidance(guidance_scale) {
-        return Tensor::cat(contexts, 0);
+        return Conditioning::cat(conds);
     }
-    let rows = |r: usize| contexts.iter().map(|c| c.narrow(0, r, 1)).collect::<candle_core::Result<Vec<_>>>();
-    Tensor::cat(&[rows(0)?, rows(1)?].concat(), 0)
+    let rows = |r: usize| conds.iter().map(|c| c.narrow(r, 1)).collect::<candle_core::Result<Vec<_>>>();
+    Conditioning::cat(&[rows(0)?, rows(1)?].concat())
 }
 
 /// The loss (minus the mean weighted reward) of a micro-batch and its LoRA gradient, the
@@ -259,8 +266,8 @@ pub fn backprop_batch(
     rewards: &WeightedRewards,
     lora: &TrainableLora,
 ) -> Result<Backprop> {
-    let context = batch_context(&batch.contexts, guidance_scale)?;
-    let traj = Trajectory { unet: &sd.unet, scheduler, context: &context, guidance_scale, step_noise: batch.step_noise.clone() };
+    let cond = batch_conditioning(&batch.conds, guidance_scale)?;
+    let traj = Trajectory { unet: &sd.unet, scheduler, cond: &cond, guidance_scale, step_noise: batch.step_noise.clone() };
     let score = |decoded: &Tensor| {
         let r = rewards.score(&to_pixels(decoded)?, &batch.prompts)?;
         Ok((r.mean_all()?.neg()?, r))
@@ -291,8 +298,8 @@ pub fn evaluate(
     let shape = sd.latent_shape(cfg.width, cfg.height)?;
     let mut total = 0.0;
     for (prompt, seed) in cases {
-        let context = sd.text_embeddings(prompt, &cfg.negative_prompt, cfg.guidance_scale, LoraSet::none())?;
-        let traj = Trajectory { unet: &sd.unet, scheduler: &scheduler, context: &context, guidance_scale: cfg.guidance_scale, step_noise: vec![] };
+        let cond = prompt_conditioning(sd, cfg, prompt)?;
+        let traj = Trajectory { unet: &sd.unet, scheduler: &scheduler, cond: &cond, guidance_scale: cfg.guidance_scale, step_noise: vec![] };
         let x_t = NoiseRng::new(*seed).randn(shape, sd.dtype, &sd.device)?;
         let x0 = traj.run(0..traj.len(), &x_t, lora)?;
         let r = rewards.score(&sd.decode(&x0)?, std::slice::from_ref(prompt))?;

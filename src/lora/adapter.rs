@@ -29,7 +29,9 @@ pub enum LoraFormat {
     Diffusers,
     /// `unet.<path>.lora_A.weight` (or `base_model.model.<path>.lora_A.weight`).
     Peft,
-    /// `lora_unet_<path_with_underscores>.lora_down.weight`, `lora_te_…`.
+    /// `lora_unet_<path_with_underscores>.lora_down.weight`, `lora_te_…` (`lora_te1_…`,
+    /// `lora_te2_…` for SDXL's two text encoders; SDXL UNet paths also in the original
+    /// `input_blocks_…` naming sd-scripts writes).
     Kohya,
 }
 
@@ -100,6 +102,8 @@ struct ParsedKey<'k> {
 enum KeyError {
     Unknown,
     NotInModel,
+    /// A key of SDXL's second text encoder for a model without one.
+    NoTextEncoder2,
 }
 
 /// The tensors found for one module.
@@ -176,6 +180,10 @@ impl LoraAdapter {
                 }
                 Err(KeyError::NotInModel) => {
                     problems.add("modules not in the base model", name);
+                    continue;
+                }
+                Err(KeyError::NoTextEncoder2) => {
+                    problems.add("keys for text_encoder_2, which this model does not have (an SDXL adapter on an SD 1.x/2.x model?)", name);
                     continue;
                 }
             };
@@ -342,11 +350,7 @@ impl LoraAdapter {
     /// copied, and the base weights are never touched.
     pub fn add_to(&self, weight: f64, lora: &mut PipelineLora) {
         for m in &self.modules {
-            let set = match m.component {
-                Component::Unet => &mut lora.unet,
-                Component::TextEncoder => &mut lora.text_encoder,
-            };
-            set.push(
+            lora.component_mut(m.component).push(
                 m.path.clone(),
                 LoraDelta {
                     down: m.down.clone(),
@@ -360,13 +364,16 @@ impl LoraAdapter {
 
 /// Understands one tensor key of any supported format.
 fn parse_key<'k>(key: &'k str, targets: &'k LoraTargets) -> Result<ParsedKey<'k>, KeyError> {
-    const KOHYA: [(&str, Component); 2] = [
+    const KOHYA: [(&str, Component); 4] = [
         ("lora_unet_", Component::Unet),
         ("lora_te_", Component::TextEncoder),
+        ("lora_te1_", Component::TextEncoder),
+        ("lora_te2_", Component::TextEncoder2),
     ];
-    const DOTTED: [(&str, Component); 3] = [
+    const DOTTED: [(&str, Component); 4] = [
         ("unet.", Component::Unet),
         ("text_encoder.", Component::TextEncoder),
+        ("text_encoder_2.", Component::TextEncoder2),
         ("base_model.model.", Component::Unet),
     ];
     const SUFFIXES: [(&str, Option<LoraFormat>, Role); 7] = [
@@ -386,10 +393,15 @@ fn parse_key<'k>(key: &'k str, targets: &'k LoraTargets) -> Result<ParsedKey<'k>
         (".lora_B.weight", Some(LoraFormat::Peft), Role::Up),
         (".alpha", None, Role::Alpha),
     ];
+    let present = |component| match component {
+        Component::TextEncoder2 if !targets.has(component) => Err(KeyError::NoTextEncoder2),
+        _ => Ok(()),
+    };
     for (prefix, component) in KOHYA {
         let Some(rest) = key.strip_prefix(prefix) else {
             continue;
         };
+        present(component)?;
         let (name, suffix) = rest.split_once('.').ok_or(KeyError::Unknown)?;
         let role = match suffix {
             "lora_down.weight" => Role::Down,
@@ -399,6 +411,7 @@ fn parse_key<'k>(key: &'k str, targets: &'k LoraTargets) -> Result<ParsedKey<'k>
         };
         let path = targets
             .from_underscored(component, name)
+            .or_else(|| sgm_path(targets, component, name))
             .ok_or(KeyError::NotInModel)?;
         let base = targets.shape(component, path).ok_or(KeyError::NotInModel)?;
         return Ok(ParsedKey {
@@ -413,11 +426,12 @@ fn parse_key<'k>(key: &'k str, targets: &'k LoraTargets) -> Result<ParsedKey<'k>
         let Some(rest) = key.strip_prefix(prefix) else {
             continue;
         };
+        present(component)?;
         for (suffix, format, role) in SUFFIXES {
             let Some(path) = rest.strip_suffix(suffix) else {
                 continue;
             };
-            let base = targets.shape(component, path).ok_or(KeyError::NotInModel)?;
+            let (path, base) = targets.resolve(component, path).ok_or(KeyError::NotInModel)?;
             return Ok(ParsedKey {
                 format,
                 component,
@@ -428,6 +442,12 @@ fn parse_key<'k>(key: &'k str, targets: &'k LoraTargets) -> Result<ParsedKey<'k>
         }
     }
     Err(KeyError::Unknown)
+}
+
+/// The module path of kohya's sgm-named SDXL UNet module (`input_blocks_4_1_…`).
+fn sgm_path<'t>(targets: &'t LoraTargets, component: Component, name: &str) -> Option<&'t str> {
+    let diffusers = super::sgm::to_diffusers(name, targets.unet_layers_per_block())?;
+    (component == Component::Unet).then(|| targets.from_underscored(component, &diffusers)).flatten()
 }
 
 /// Whether `down` / `up` fit a base weight of shape `base` (`[out, in]` or `[out, in, kh, kw]`):

@@ -4,6 +4,7 @@
 mod adapter;
 mod save;
 mod set;
+mod sgm;
 mod targets;
 mod trainable;
 

@@ -4,6 +4,8 @@ use std::collections::HashMap;
 
 use candle_core::Tensor;
 
+use super::Component;
+
 /// One low-rank update `scale · up · down` of a module's weight.
 ///
 /// `down` is `[rank, in]` (or `[rank, in, kh, kw]` for a convolution) and `up` is `[out, rank]`
@@ -50,6 +52,27 @@ impl LoraSet {
 pub struct PipelineLora {
     pub unet: LoraSet,
     pub text_encoder: LoraSet,
+    /// SDXL's second text encoder.
+    pub text_encoder_2: LoraSet,
+}
+
+impl PipelineLora {
+    /// The set of one component.
+    pub fn component(&self, component: Component) -> &LoraSet {
+        match component {
+            Component::Unet => &self.unet,
+            Component::TextEncoder => &self.text_encoder,
+            Component::TextEncoder2 => &self.text_encoder_2,
+        }
+    }
+
+    pub fn component_mut(&mut self, component: Component) -> &mut LoraSet {
+        match component {
+            Component::Unet => &mut self.unet,
+            Component::TextEncoder => &mut self.text_encoder,
+            Component::TextEncoder2 => &mut self.text_encoder_2,
+        }
+    }
 }
 
 impl LoraSet {

@@ -2,7 +2,7 @@
 //! only from differentiable ops so gradients can flow through the decoder.
 
 use anyhow::bail;
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::lora::LoraSet;
@@ -366,6 +366,8 @@ pub struct AutoencoderKL {
     quant_conv: Option<Conv2d>,
     post_quant_conv: Option<Conv2d>,
     config: VaeConfig,
+    /// The weights' dtype, which the decoder computes in.
+    dtype: DType,
 }
 
 impl AutoencoderKL {
@@ -391,6 +393,7 @@ impl AutoencoderKL {
             quant_conv,
             post_quant_conv,
             config: cfg.clone(),
+            dtype: vb.dtype(),
         })
     }
 
@@ -423,10 +426,10 @@ impl AutoencoderKL {
         run_to_one(&self.scaled_decoder(), latents.clone())
     }
 
-    /// Latents as the sampler produces them → the decoder's input: divided by
-    /// `scaling_factor`, plus `shift_factor` where the config has one.
+    /// Latents as the sampler produces them → the decoder's input: in the VAE's dtype,
+    /// divided by `scaling_factor`, plus `shift_factor` where the config has one.
     pub fn unscale(&self, latents: &Tensor) -> Result<Tensor> {
-        let z = (latents / self.config.scaling_factor)?;
+        let z = (latents.to_dtype(self.dtype)? / self.config.scaling_factor)?;
         match self.config.shift_factor {
             Some(s) => z + s,
             None => Ok(z),

@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::engine::image::OutputFormat;
+pub use crate::engine::pipeline::ModelFamily;
 use crate::engine::scheduler::SchedulerKind;
 
 // ---------------------------------------------------------------------------------------------
@@ -65,7 +66,8 @@ pub struct ImageGenerationRequest {
     /// server-sent events for progress).
     #[serde(default)]
     pub stream: Option<bool>,
-    /// Extension: what the image should not show.
+    /// Extension: what the image should not show. Left out, guidance uses the empty prompt, or
+    /// zero embeddings on SDXL models (diffusers' `force_zeros_for_empty_prompt`).
     #[serde(default)]
     pub negative_prompt: Option<String>,
     /// Extension: denoising steps, 1..=`--max-steps` (default `--default-steps`).
@@ -156,11 +158,12 @@ impl From<ImageFormat> for OutputFormat {
     }
 }
 
-/// Sampler.
+/// Sampler: DDIM, Euler (SDXL's default), Euler ancestral, DPM++ 2M (with Karras sigmas).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SchedulerName {
     Ddim,
+    Euler,
     EulerA,
     #[serde(rename = "dpmpp_2m")]
     Dpmpp2m,
@@ -172,6 +175,7 @@ impl SchedulerName {
     pub fn as_str(self) -> &'static str {
         match self {
             SchedulerName::Ddim => "ddim",
+            SchedulerName::Euler => "euler",
             SchedulerName::EulerA => "euler_a",
             SchedulerName::Dpmpp2m => "dpmpp_2m",
             SchedulerName::Dpmpp2mKarras => "dpmpp_2m_karras",
@@ -179,7 +183,7 @@ impl SchedulerName {
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        [Self::Ddim, Self::EulerA, Self::Dpmpp2m, Self::Dpmpp2mKarras]
+        [Self::Ddim, Self::Euler, Self::EulerA, Self::Dpmpp2m, Self::Dpmpp2mKarras]
             .into_iter()
             .find(|k| k.as_str() == s)
     }
@@ -204,7 +208,8 @@ pub struct GenerationParameters {
     /// Model id.
     pub model: String,
     pub prompt: String,
-    pub negative_prompt: String,
+    /// `null` when the request gave none.
+    pub negative_prompt: Option<String>,
     pub n: u32,
     /// `WxH`.
     pub size: String,
@@ -270,6 +275,10 @@ pub enum JobStatus {
 }
 
 impl JobStatus {
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Queued, Self::Running, Self::Succeeded, Self::Failed, Self::Cancelled].into_iter().find(|v| v.as_str() == s)
+    }
+
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
@@ -347,16 +356,7 @@ pub struct ImageJob {
 // ---------------------------------------------------------------------------------------------
 // Adapters
 
-/// Where an adapter came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum AdapterSource {
-    /// A file in the adapters folder or an upload.
-    #[default]
-    File,
-    /// Written by an /align fine-tuning job.
-    AlignJob,
-}
+pub use crate::stores::AdapterSource;
 
 /// An adapter of the adapters folder.
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
@@ -460,6 +460,8 @@ pub struct ModelInfo {
     pub owned_by: String,
     /// Loaded and accepting requests.
     pub ready: bool,
+    /// `sd1`, `sd2` or `sdxl`, once loaded (`null` while loading or after a failed load).
+    pub family: Option<ModelFamily>,
 }
 
 /// `GET /health`.
@@ -491,6 +493,10 @@ pub struct Readiness {
     /// Jobs running.
     pub running: usize,
     pub workers: usize,
+    /// `all`, `api` or `trainer`.
+    pub role: String,
+    /// This process's id in the deployment.
+    pub instance: String,
 }
 
 /// A `.safetensors` file sent as the raw request body (schema: a binary string).

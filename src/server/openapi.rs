@@ -67,6 +67,7 @@ requests asynchronously with progress and cancellation. Every error has the body
         api::AdapterReload,
         api::ModelList,
         api::ModelInfo,
+        api::ModelFamily,
         api::Health,
         api::Readiness,
         api::ReadyStatus,

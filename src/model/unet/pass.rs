@@ -5,14 +5,14 @@
 use candle_core::{Result, Tensor};
 
 use super::embeddings::timestep_features;
-use super::UNet2DConditionModel;
+use super::{Conditioning, UNet2DConditionModel};
 use crate::lora::LoraSet;
 use crate::model::staged::Staged;
 
 /// One layer of the pass, with the block and position it belongs to.
 #[derive(Clone, Copy, Debug)]
 pub(super) enum Layer {
-    /// Timestep embedding and `conv_in`: `[sample]` → `[h, temb, h]` (`h` is the first skip).
+    /// Timestep embedding (plus SDXL's added text/time embedding) and `conv_in`: `[sample]` → `[h, temb, h]` (`h` is the first skip).
     In,
     /// `down_blocks.{block}.resnets.{j}`; `push` keeps the output as a skip (when no
     /// transformer follows it).
@@ -88,8 +88,8 @@ impl UNet2DConditionModel {
 
     /// The forward pass with one timestep per batch item, as layers (see
     /// [`Self::forward_timesteps`]).
-    pub fn pass<'a>(&'a self, timesteps: &'a [f64], context: &'a Tensor, lora: &'a LoraSet) -> UNetPass<'a> {
-        UNetPass { unet: self, timesteps, context, lora }
+    pub fn pass<'a>(&'a self, timesteps: &'a [f64], cond: &'a Conditioning, lora: &'a LoraSet) -> UNetPass<'a> {
+        UNetPass { unet: self, timesteps, cond, lora }
     }
 }
 
@@ -97,7 +97,7 @@ impl UNet2DConditionModel {
 pub struct UNetPass<'a> {
     unet: &'a UNet2DConditionModel,
     timesteps: &'a [f64],
-    context: &'a Tensor,
+    cond: &'a Conditioning,
     lora: &'a LoraSet,
 }
 
@@ -108,11 +108,18 @@ fn unpack<const N: usize>(top: Vec<Tensor>) -> Result<[Tensor; N]> {
 impl UNetPass<'_> {
     fn embed_in(&self, sample: &Tensor) -> Result<Vec<Tensor>> {
         let (unet, c) = (self.unet, &self.unet.config);
-        if self.timesteps.len() != sample.dim(0)? {
-            candle_core::bail!("unet: {} timesteps for a batch of {}", self.timesteps.len(), sample.dim(0)?);
+        let batch = sample.dim(0)?;
+        if self.timesteps.len() != batch || self.cond.batch()? != batch {
+            candle_core::bail!("unet: {} timesteps and {} conditionings for a batch of {batch}", self.timesteps.len(), self.cond.batch()?);
         }
         let t = timestep_features(self.timesteps, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift, sample.dtype(), sample.device())?;
-        let temb = unet.time_embedding.forward(&t, self.lora)?;
+        let mut temb = unet.time_embedding.forward(&t, self.lora)?;
+        match (&unet.add_embedding, &self.cond.added) {
+            (Some(e), Some(added)) => temb = (temb + e.forward(added, sample.dtype(), self.lora)?)?,
+            (None, None) => {}
+            (Some(_), None) => candle_core::bail!("unet: this UNet (addition_embed_type \"text_time\") needs text_embeds and time_ids"),
+            (None, Some(_)) => candle_core::bail!("unet: text_embeds and time_ids given to a UNet without addition_embed_type"),
+        }
         let h = unet.conv_in.forward(sample, self.lora)?;
         Ok(vec![h.clone(), temb, h])
     }
@@ -128,7 +135,7 @@ impl Staged for UNetPass<'_> {
     }
 
     fn run(&self, i: usize, top: Vec<Tensor>) -> Result<Vec<Tensor>> {
-        let (unet, ctx, lora) = (self.unet, self.context, self.lora);
+        let (unet, ctx, lora) = (self.unet, &self.cond.context, self.lora);
         let down = |b: usize| &unet.down_blocks[b];
         let up = |b: usize| &unet.up_blocks[b];
         let mid = || unet.mid_block.as_ref().ok_or_else(|| candle_core::Error::Msg("unet has no mid block".into()));

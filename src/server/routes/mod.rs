@@ -2,13 +2,13 @@
 
 pub mod adapters;
 pub mod align;
+pub mod events;
 pub mod images;
 pub mod jobs;
 pub mod system;
 
 use std::time::Duration;
 
-use axum::extract::DefaultBodyLimit;
 use axum::http::{header, HeaderValue, Method};
 use axum::middleware::{from_fn, from_fn_with_state};
 use axum::routing::{get, post};
@@ -21,10 +21,16 @@ use utoipa_redoc::{Redoc, Servable};
 use super::openapi::ApiDoc;
 use super::state::AppState;
 
-/// The API routes, still needing their state.
+/// The API routes, still needing their state: all of them, or for a `trainer` process only
+/// the probes and metrics.
 fn routes(state: &AppState) -> Router<AppState> {
-    let upload_limit = usize::try_from(state.config.max_upload_mb.saturating_mul(1024 * 1024))
-        .unwrap_or(usize::MAX);
+    let probes = Router::new()
+        .route("/health", get(system::health))
+        .route("/ready", get(system::ready))
+        .route("/metrics", get(system::metrics));
+    if !state.config.role.serves() {
+        return probes;
+    }
     Router::new()
         .route("/v1/images/generations", post(images::create_image))
         .route("/v1/images/jobs", post(jobs::create_job))
@@ -37,8 +43,7 @@ fn routes(state: &AppState) -> Router<AppState> {
             "/v1/adapters/{name}",
             get(adapters::get_adapter)
                 .put(adapters::put_adapter)
-                .delete(adapters::delete_adapter)
-                .layer(DefaultBodyLimit::max(upload_limit)),
+                .delete(adapters::delete_adapter),
         )
         .route("/align", post(align::create_align_job))
         .route("/v1/align/jobs", post(align::create_align_job).get(align::list_align_jobs))
@@ -48,9 +53,7 @@ fn routes(state: &AppState) -> Router<AppState> {
         .route("/v1/align/rewards", get(align::list_rewards))
         .route("/v1/models", get(system::list_models))
         .route("/v1/models/{id}", get(system::get_model))
-        .route("/health", get(system::health))
-        .route("/ready", get(system::ready))
-        .route("/metrics", get(system::metrics))
+        .merge(probes)
         .route("/openapi.json", get(system::openapi_json))
         .merge(Redoc::with_url("/docs", ApiDoc::openapi()))
 }

@@ -18,6 +18,7 @@ fn model_info(state: &AppState) -> ModelInfo {
         created: state.started,
         owned_by: "sdserve".into(),
         ready: state.model.get().is_some(),
+        family: state.model.get().map(|m| m.family),
     }
 }
 
@@ -112,6 +113,8 @@ pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Readiness
         queue_depth,
         running,
         workers: state.jobs.workers(),
+        role: state.config.role.as_str().into(),
+        instance: state.instance_id.to_string(),
     };
     (code, Json(body))
 }
