@@ -3,7 +3,6 @@
 //! text encoder, UNet and VAE outputs, with and without an autograd graph, and the same gradients.
 
 mod common;
-#[allow(dead_code)]
 #[path = "common/training.rs"]
 mod training;
 

@@ -2,27 +2,16 @@
 //! and every hand-written backward pass matches f64 finite differences for each
 //! differentiable input.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, Var};
+use common::max_abs_diff;
 use sdserve::engine::noise::NoiseRng;
 use sdserve::model::nn;
 use sdserve::model::ops::with_composed_ops;
 
 fn randn(seed: u64, shape: &[usize], dtype: DType) -> Tensor {
     NoiseRng::new(seed).randn(shape, dtype, &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims());
-    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
 }
 
 /// Checks the gradient of `loss = Σ f(inputs) ∘ r` w.r.t. each input (all f64 `Var`s) along

@@ -115,6 +115,7 @@ simd_dispatch! {
 }
 
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn score_grads_impl<T: Float>(p: &mut [T], dp: &mut [T], k_len: usize, lse: &[T], go: &[T], o: &[T], v_dim: usize, row_stride: usize) {
     for (i, (p, dp)) in p.chunks_exact_mut(k_len).zip(dp.chunks_exact_mut(k_len)).enumerate() {
         cpu::exp_shifted(p, lse[i]);

@@ -64,7 +64,7 @@ impl Float for f32 {
     /// Eigen's `generic_fast_erf_float`: `x·P(x²)/Q(x²)` on `[-4, 4]`, ±1 beyond.
     #[inline(always)]
     fn erf_fast(self) -> f32 {
-        let x = if self > 4.0 { 4.0 } else if self < -4.0 { -4.0 } else { self };
+        let x = self.clamp(-4.0, 4.0);
         let x2 = x * x;
         let mut p = x2.mul_add(-2.726_142_3e-10, 2.770_681_4e-8);
         p = p.mul_add(x2, -2.101_024e-6);

@@ -302,7 +302,7 @@ impl CustomOp3 for Norm {
 }
 
 fn apply(x: &Tensor, w: &Tensor, b: &Tensor, seg: Segments, eps: f64, silu: bool) -> Result<Tensor> {
-    if seg.len == 0 || x.elem_count() % seg.len != 0 || seg.len % seg.inner != 0 || w.elem_count() != seg.groups * seg.channels() {
+    if seg.len == 0 || !x.elem_count().is_multiple_of(seg.len) || !seg.len.is_multiple_of(seg.inner) || w.elem_count() != seg.groups * seg.channels() {
         candle_core::bail!("norm kernel: shape {:?} does not fit {seg:?} with {} channels", x.dims(), w.elem_count());
     }
     x.apply_op3(w, b, Norm { seg, eps, silu, stats: Mutex::new(Vec::new()) })
@@ -311,7 +311,7 @@ fn apply(x: &Tensor, w: &Tensor, b: &Tensor, seg: Segments, eps: f64, silu: bool
 /// GroupNorm of an f32/f64 CPU tensor `[batch, channels, ...]`, followed by SiLU if `silu`.
 pub fn group_norm(x: &Tensor, groups: usize, weight: &Tensor, bias: &Tensor, eps: f64, silu: bool) -> Result<Tensor> {
     let dims = x.dims();
-    if dims.len() < 2 || groups == 0 || dims[1] % groups != 0 {
+    if dims.len() < 2 || groups == 0 || !dims[1].is_multiple_of(groups) {
         candle_core::bail!("group norm: {groups} groups do not divide the channels of {dims:?}");
     }
     let inner: usize = dims[2..].iter().product();
