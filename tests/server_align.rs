@@ -161,10 +161,13 @@ fn sdxl_align_job_writes_an_adapter_that_the_next_request_uses() {
     let err = assert_error(s.post_json("/v1/images/generations", &request(Some("probe_diffusers"))), StatusCode::BAD_REQUEST);
     assert!(err["message"].as_str().unwrap().contains("not in the base model"), "{err}");
 
-    // AlignProp on the SDXL UNet's attention; the adapter is used by the next request.
+    // AlignProp on the SDXL UNet's attention, at the model's native size (sample_size 16 × VAE
+    // scale 4); the adapter is used by the next request.
     let mut body = align_body("sdxl-brighter", 3);
     body["truncation"] = json!({"k": 2});
+    body.as_object_mut().unwrap().retain(|k, _| k != "width" && k != "height");
     let job = submit(&s, &body);
+    assert_eq!((job["request"]["width"].as_u64(), job["request"]["height"].as_u64()), (Some(64), Some(64)), "{job}");
     let done = wait_align(&s, job["id"].as_str().unwrap(), terminal);
     assert_eq!(done["status"], "succeeded", "{done}");
     assert_eq!(done["metrics"].as_array().unwrap().len(), 3);
