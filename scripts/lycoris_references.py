@@ -17,7 +17,8 @@ Writes, under FIXTURE_DIR:
   the resnet convs plus plain LoRA on linears. Reference: the delta that A1111 builds from
   `lora_mid` (`einsum('n m k l, i n, m j -> i j k l', mid, up, down)`), merged into the weights.
 - loras/dora_diffusers.safetensors: a DoRA adapter (`lora_magnitude_vector`) on linears and
-  convs, as diffusers' `save_lora_weights` writes it. Reference: diffusers' `load_lora_weights`.
+  convs, as diffusers' `save_lora_weights` writes peft's state dict (alpha in the metadata).
+  Reference: diffusers' `load_lora_weights`.
 - loras/dora_kohya.safetensors: the same adapter in kohya naming with `dora_scale` in
   LyCORIS's shapes (`[out, 1]`, `[out, 1, 1, 1]`); it must give the `dora_diffusers` image.
 - loras/dora_in_kohya.safetensors: DoRA decomposed along the input axis (LyCORIS with
@@ -35,7 +36,6 @@ from diffusers import StableDiffusionPipeline
 from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
 from peft.tuners.lycoris_utils import LycorisLayer
 from peft.utils import get_peft_model_state_dict
-from diffusers.utils import convert_state_dict_to_diffusers
 from safetensors.torch import load_file, save_file
 
 torch.set_num_threads(2)
@@ -231,12 +231,12 @@ for n, p in pipe.unet.named_parameters():
         p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
     elif "lora_magnitude_vector" in n:
         p.mul_(1 + torch.randn(p.shape, generator=gen) * 0.3)
-sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet, adapter_name="dora"))
+# peft key names (`lora_A` / `lora_B`): diffusers' own `convert_state_dict_to_diffusers` renames
+# only the attention projections, and `load_lora_weights` then drops those (missing keys).
+sd = get_peft_model_state_dict(pipe.unet, adapter_name="dora")
 StableDiffusionPipeline.save_lora_weights(LORAS, unet_lora_layers=sd, weight_name="dora_diffusers.safetensors",
                                           unet_lora_adapter_metadata=pipe.unet.peft_config["dora"].to_dict(),
                                           safe_serialization=True)
-print("DoRA keys:", sorted({k.split(".")[-1] if "magnitude" in k else ".".join(k.split(".")[-3:])
-                            for k in sd})[:6])
 pipe = fresh()
 pipe.load_lora_weights(LORAS, weight_name="dora_diffusers.safetensors", adapter_name="dora",
                        low_cpu_mem_usage=False)  # the default leaves DoRA magnitudes on the meta device
@@ -317,14 +317,21 @@ for k, down in probe.items():
         path = k[len("unet."):-len(".lora.down.weight")]
         add(path, probe[k.replace(".down.", ".up.")] @ down * weights["probe"])
 dsd = load_file(os.path.join(LORAS, "dora_diffusers.safetensors"))
-for k, mag in dsd.items():
-    if k.endswith(".lora_magnitude_vector"):
-        path = k[len("unet."):-len(".lora_magnitude_vector")]
-        # diffusers renames the attention projections' factors only (`lora.down`), not the convs'
-        down = dsd.get(f"unet.{path}.lora.down.weight", dsd.get(f"unet.{path}.lora_A.weight"))
-        up = dsd.get(f"unet.{path}.lora.up.weight", dsd.get(f"unet.{path}.lora_B.weight"))
-        dw = (up.flatten(1) @ down.flatten(1)) * (8 / 4) * weights["dora"]
-        add(path, dora_delta(BASE_UNET[path], dw, mag, out_axis=True))
+
+
+def dora_deltas(weight):
+    out = {}
+    for k, mag in dsd.items():
+        if k.endswith(".lora_magnitude_vector"):
+            path = k[len("unet."):-len(".lora_magnitude_vector")]
+            down, up = dsd[f"unet.{path}.lora_A.weight"], dsd[f"unet.{path}.lora_B.weight"]
+            dw = (up.flatten(1) @ down.flatten(1)) * (8 / 4) * weight
+            out[path] = dora_delta(BASE_UNET[path], dw, mag, out_axis=True)
+    return out
+
+
+for path, dw in dora_deltas(weights["dora"]).items():
+    add(path, dw)
 # the LoHa adapter also adapts the text encoder: keep it on the LoHa pipeline's text encoder
 pipe = merged_pipe(deltas)
 set_scale([LOHA_TE], "loha", weights["loha"])
@@ -341,6 +348,9 @@ check.text_encoder = LOHA_TE
 set_scale([LOHA_TE], "loha", 0.8)
 p = psnr(run(check), load_file(os.path.join(REF, "loha_0.8.safetensors"))["image"].numpy())
 print(f"merged LoHa vs peft forward: {p:.1f} dB")
+assert p > 60, p
+p = psnr(run(merged_pipe(dora_deltas(0.8))), load_file(os.path.join(REF, "dora_0.8.safetensors"))["image"].numpy())
+print(f"merged DoRA vs diffusers: {p:.1f} dB")
 assert p > 60, p
 
 json.dump({"made_with": {"diffusers": __import__("diffusers").__version__, "peft": __import__("peft").__version__,

@@ -3,24 +3,10 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use sdserve::engine::pipeline::{GenerateParams, StableDiffusion};
 use sdserve::lora::{LoraAdapter, PipelineLora};
 use serde_json::Value;
-
-fn psnr(a: &Tensor, b: &Tensor) -> f64 {
-    let mse = (a - b).unwrap().sqr().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap() as f64;
-    10.0 * (1.0 / mse).log10()
-}
-
-fn case_loras(case: &Value) -> Vec<(String, f64)> {
-    let one = |v: &Value| (v["file"].as_str().unwrap().to_string(), v["scale"].as_f64().unwrap());
-    match (&case["lora"], &case["loras"]) {
-        (Value::Object(_), _) => vec![one(&case["lora"])],
-        (_, Value::Array(list)) => list.iter().map(one).collect(),
-        _ => vec![],
-    }
-}
 
 #[test]
 fn manifest_cases_match_diffusers() {
@@ -33,28 +19,8 @@ fn manifest_cases_match_diffusers() {
     assert_eq!(cases.len(), 5);
     for case in cases {
         let name = case["name"].as_str().unwrap();
-        let mut lora = PipelineLora::default();
-        for (file, scale) in case_loras(case) {
-            LoraAdapter::from_file(&dir.join(file), &sd.lora_targets, &Device::Cpu).unwrap().add_to(scale, &mut lora);
-        }
-        let params = GenerateParams {
-            prompt: case["prompt"].as_str().unwrap().into(),
-            negative_prompt: case["negative_prompt"].as_str().unwrap().into(),
-            steps: case["steps"].as_u64().unwrap() as usize,
-            guidance_scale: case["guidance_scale"].as_f64().unwrap(),
-            seed: 0,
-            width: case["width"].as_u64().unwrap() as usize,
-            height: case["height"].as_u64().unwrap() as usize,
-            scheduler: case["scheduler"].as_str().unwrap().parse().unwrap(),
-            eta: case["eta"].as_f64().unwrap(),
-            latents: Some(latents.clone()),
-        };
-        let image = sd.generate(&params, &lora, &mut |_, _| Ok(())).unwrap();
-        let ours = image.squeeze(0).unwrap().permute((1, 2, 0)).unwrap();
-        let reference = candle_core::safetensors::load(dir.join(format!("reference/{name}.safetensors")), &Device::Cpu)
-            .unwrap()["image"]
-            .clone();
-        let p = psnr(&ours, &reference);
+        let ours = common::run_case(&sd, case, &latents);
+        let p = common::psnr(&ours, &common::reference_image(&format!("reference/{name}.safetensors")));
         println!("{name}: PSNR {p:.1} dB");
         assert!(p >= 40.0, "{name}: PSNR {p:.1} dB < 40");
     }

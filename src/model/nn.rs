@@ -6,7 +6,7 @@
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
-use crate::lora::LoraSet;
+use crate::lora::{apply_deltas, Layer, LoraSet};
 
 /// A linear layer that may carry LoRA deltas, looked up by its module path at forward time.
 #[derive(Clone, Debug)]
@@ -23,18 +23,15 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor, lora: &LoraSet) -> Result<Tensor> {
-        let mut y = self.inner.forward(x)?;
-        for d in lora.get(&self.path) {
-            let down = candle_nn::Linear::new(d.down.to_dtype(x.dtype())?, None);
-            let up = candle_nn::Linear::new(d.up.to_dtype(x.dtype())?, None);
-            y = (y + (up.forward(&down.forward(x)?)? * d.scale)?)?;
+        let y = self.inner.forward(x)?;
+        match lora.get(&self.path) {
+            [] => Ok(y),
+            deltas => apply_deltas(Layer::Linear, x, y, self.inner.weight(), self.inner.bias(), deltas),
         }
-        Ok(y)
     }
 }
 
-/// A 2-D convolution that may carry LoRA deltas (kohya "LoCon": a down conv with the base
-/// kernel, stride and padding, then a 1×1 up conv).
+/// A 2-D convolution that may carry LoRA deltas (kohya "LoCon", LyCORIS, DoRA).
 #[derive(Clone, Debug)]
 pub struct Conv2d {
     weight: Tensor,
@@ -68,17 +65,10 @@ impl Conv2d {
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
         }
-        for d in lora.get(&self.path) {
-            let as_kernel = |t: &Tensor| match t.rank() {
-                2 => t.to_dtype(x.dtype())?.unsqueeze(2)?.unsqueeze(3),
-                _ => t.to_dtype(x.dtype()),
-            };
-            let (down, up) = (as_kernel(&d.down)?, as_kernel(&d.up)?);
-            let h = self.conv(x, &down, &self.cfg)?;
-            let h = self.conv(&h, &up, &candle_nn::Conv2dConfig::default())?;
-            y = (y + (h * d.scale)?)?;
+        match lora.get(&self.path) {
+            [] => Ok(y),
+            deltas => apply_deltas(Layer::Conv2d(&self.cfg), x, y, &self.weight, self.bias.as_ref(), deltas),
         }
-        Ok(y)
     }
 }
 

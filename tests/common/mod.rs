@@ -44,3 +44,52 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     let b = b.to_dtype(candle_core::DType::F64).unwrap();
     (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
 }
+
+/// Peak signal-to-noise ratio of two images in [0, 1], in dB.
+pub fn psnr(a: &Tensor, b: &Tensor) -> f64 {
+    let mse = (a - b).unwrap().sqr().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+    10.0 * (1.0 / mse).log10()
+}
+
+/// Runs one case of a reference manifest (`reference/manifest.json` layout: prompt, steps,
+/// scheduler, `lora` or `loras` as `{file, scale}`) from `latents`; returns the image as
+/// `[H, W, 3]`, like the stored references.
+pub fn run_case(
+    sd: &sdserve::engine::pipeline::StableDiffusion,
+    case: &serde_json::Value,
+    latents: &Tensor,
+) -> Tensor {
+    use sdserve::engine::pipeline::GenerateParams;
+    use sdserve::lora::{LoraAdapter, PipelineLora};
+    let one = |v: &serde_json::Value| (v["file"].as_str().unwrap().to_string(), v["scale"].as_f64().unwrap());
+    let loras: Vec<(String, f64)> = match (&case["lora"], &case["loras"]) {
+        (serde_json::Value::Object(_), _) => vec![one(&case["lora"])],
+        (_, serde_json::Value::Array(list)) => list.iter().map(one).collect(),
+        _ => vec![],
+    };
+    let mut lora = PipelineLora::default();
+    for (file, scale) in loras {
+        LoraAdapter::from_file(&fixture_dir().join(file), &sd.lora_targets, &Device::Cpu)
+            .unwrap()
+            .add_to(scale, &mut lora);
+    }
+    let params = GenerateParams {
+        prompt: case["prompt"].as_str().unwrap().into(),
+        negative_prompt: case["negative_prompt"].as_str().unwrap().into(),
+        steps: case["steps"].as_u64().unwrap() as usize,
+        guidance_scale: case["guidance_scale"].as_f64().unwrap(),
+        seed: 0,
+        width: case["width"].as_u64().unwrap() as usize,
+        height: case["height"].as_u64().unwrap() as usize,
+        scheduler: case["scheduler"].as_str().unwrap().parse().unwrap(),
+        eta: case["eta"].as_f64().unwrap(),
+        latents: Some(latents.clone()),
+    };
+    let image = sd.generate(&params, &lora, &mut |_, _| Ok(())).unwrap();
+    image.squeeze(0).unwrap().permute((1, 2, 0)).unwrap()
+}
+
+/// The `image` tensor of a reference file under the fixture.
+pub fn reference_image(relative: &str) -> Tensor {
+    candle_core::safetensors::load(fixture_dir().join(relative), &Device::Cpu).unwrap()["image"].clone()
+}
