@@ -70,4 +70,8 @@ impl Scheduler for EulerAncestral {
         }
         prev + (rng.randn(sample.shape(), sample.dtype(), sample.device())? * up)?
     }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step: usize) -> candle_core::Result<Tensor> {
+        original + (noise * self.sigmas[step])?
+    }
 }
