@@ -101,6 +101,9 @@ pub struct Limits {
     /// Most adapters in one request.
     #[arg(long, env = "SDSERVE_MAX_LORAS", default_value_t = 8)]
     pub max_loras: usize,
+    /// Largest body of an image edit (image, mask and fields, multipart), in MiB.
+    #[arg(long, env = "SDSERVE_MAX_IMAGE_UPLOAD_MB", default_value_t = 25)]
+    pub max_image_upload_mb: u64,
 }
 
 /// Values used when a request leaves a field out.
@@ -130,6 +133,7 @@ impl Default for Limits {
             max_n: 10,
             max_prompt_tokens: None,
             max_loras: 8,
+            max_image_upload_mb: 25,
         }
     }
 }

@@ -6,7 +6,8 @@
 //! - [`config`]: flags and `SDSERVE_*` environment variables.
 //! - [`api`]: request/response types (also the OpenAPI schemas); [`error`]: the OpenAI-style
 //!   error envelope; [`extract`]: extractors whose rejections use it.
-//! - [`params`]: request validation into a [`jobs::JobSpec`].
+//! - [`params`]: request validation into a [`jobs::JobSpec`]; [`edit_form`] and
+//!   [`edit_params`]: the multipart form of image edits and its validation.
 //! - [`jobs`]: jobs and the bounded queue; [`worker`]: the generation threads.
 //! - [`adapters`]: the adapters folder and its LRU cache.
 //! - [`model`]: the model, loaded in the background; [`state`]: what handlers share.
@@ -23,6 +24,8 @@ pub mod align;
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod edit_form;
+pub mod edit_params;
 pub mod error;
 pub mod extract;
 pub mod jobs;

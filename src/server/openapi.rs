@@ -6,7 +6,7 @@ use utoipa::{Modify, OpenApi};
 
 use super::api;
 use super::error;
-use super::routes::{adapters, align, images, jobs, system};
+use super::routes::{adapters, align, edits, images, jobs, system};
 use crate::align::{jobs as align_jobs, request as align_request, trainer, validation};
 use crate::rewards::registry::RewardSpec;
 
@@ -22,6 +22,7 @@ requests asynchronously with progress and cancellation. Every error has the body
     ),
     paths(
         images::create_image,
+        edits::create_image_edit,
         jobs::create_job,
         jobs::get_job,
         jobs::cancel_job,
@@ -48,6 +49,9 @@ requests asynchronously with progress and cancellation. Every error has the body
         error::ErrorObject,
         error::ErrorType,
         api::ImageGenerationRequest,
+        api::ImageEditForm,
+        api::EditParameters,
+        api::EditMode,
         api::LoraRequest,
         api::ResponseFormat,
         api::ImageFormat,

@@ -11,7 +11,7 @@ use crate::server::api::{ImageGenerationRequest, ImagesResponse};
 use crate::server::error::{ApiError, ErrorResponse, ErrorType};
 use crate::server::extract::ApiJson;
 use crate::server::jobs::{Job, JobOutcome, JobQueue, SubmitError};
-use crate::server::params;
+use crate::server::params::{self, Validated};
 use crate::server::state::AppState;
 
 /// Validates a request, resolves its adapters and queues it; `retained` jobs stay pollable
@@ -23,6 +23,11 @@ pub async fn submit(
 ) -> Result<Arc<Job>, ApiError> {
     let model = state.ready_model()?;
     let validated = params::validate(&state.config, &state.model_id, &model, &req)?;
+    enqueue(state, validated, retained).await
+}
+
+/// Resolves a validated request's adapters and queues it.
+pub async fn enqueue(state: &AppState, validated: Validated, retained: bool) -> Result<Arc<Job>, ApiError> {
     let spec = if validated.lora_names.is_empty() {
         validated.spec
     } else {
@@ -86,6 +91,12 @@ pub async fn create_image(
     ApiJson(req): ApiJson<ImageGenerationRequest>,
 ) -> Result<Json<ImagesResponse>, ApiError> {
     let job = submit(&state, req, false).await?;
+    respond(&state, job).await
+}
+
+/// Waits for a synchronous job and answers with its images (cancelling it if the client
+/// goes away first).
+pub async fn respond(state: &AppState, job: Arc<Job>) -> Result<Json<ImagesResponse>, ApiError> {
     let mut guard = CancelOnDrop {
         queue: state.jobs.clone(),
         id: Some(job.id.clone()),

@@ -2,6 +2,7 @@
 
 pub mod adapters;
 pub mod align;
+pub mod edits;
 pub mod images;
 pub mod jobs;
 pub mod system;
@@ -23,11 +24,13 @@ use super::state::AppState;
 
 /// The API routes, still needing their state.
 fn routes(state: &AppState) -> Router<AppState> {
-    let upload_limit = usize::try_from(state.config.max_upload_mb.saturating_mul(1024 * 1024))
-        .unwrap_or(usize::MAX);
+    let mib = |n: u64| usize::try_from(n.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX);
+    let upload_limit = mib(state.config.max_upload_mb);
+    let image_limit = DefaultBodyLimit::max(mib(state.config.limits.max_image_upload_mb));
     Router::new()
         .route("/v1/images/generations", post(images::create_image))
-        .route("/v1/images/jobs", post(jobs::create_job))
+        .route("/v1/images/edits", post(edits::create_image_edit).layer(image_limit))
+        .route("/v1/images/jobs", post(jobs::create_job).layer(image_limit))
         .route("/v1/images/jobs/{id}", get(jobs::get_job))
         .route("/v1/images/jobs/{id}/cancel", post(jobs::cancel_job))
         .route("/v1/images/jobs/{id}/events", get(jobs::job_events))
