@@ -150,6 +150,12 @@ fn bad_align_requests_get_clear_errors() {
         (with("steps", json!(0)), "steps"),
         (with("learning_rate", json!(0.0)), "learning_rate"),
         (with("prompt_set", json!("shapes")), "prompts"),
+        // what the trainer's backward pass cannot do: latents the UNet does not halve evenly
+        (with("width", json!(60)), "width"),
+        (with("height", json!(36)), "height"),
+        // longer than the text encoder sees (75 tokens)
+        (with("prompts", json!(["a circle", "red ".repeat(80)])), "prompts"),
+        (with("negative_prompt", json!("blue ".repeat(76))), "negative_prompt"),
     ] {
         let err = assert_error(s.post_json("/v1/align/jobs", &body), StatusCode::BAD_REQUEST);
         assert_eq!(err["param"], param, "{err}");

@@ -36,7 +36,7 @@ pub struct ImageGenerationRequest {
     #[serde(default)]
     #[schema(example = "512x512")]
     pub size: Option<String>,
-    /// Only `b64_json` is supported; `url` gets a 400.
+    /// Only `b64_json`.
     #[serde(default)]
     pub response_format: Option<ResponseFormat>,
     /// Image file format (default `png`).
@@ -127,13 +127,28 @@ fn one() -> f64 {
     1.0
 }
 
-/// How images are returned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+/// How images are returned. `url` is understood only to be refused with a clear 400, so the
+/// document lists `b64_json` alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ResponseFormat {
     B64Json,
     Url,
 }
+
+impl utoipa::PartialSchema for ResponseFormat {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .enum_values(Some(["b64_json"]))
+            .description(Some("How images are returned: base64 in the response (`url` is refused with a 400)"))
+            .build()
+            .into()
+    }
+}
+
+impl ToSchema for ResponseFormat {}
 
 /// Image file format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, ToSchema)]
@@ -424,6 +439,19 @@ pub struct ImageJob {
     pub events_url: String,
     /// `POST` here to cancel.
     pub cancel_url: String,
+}
+
+/// One server-sent event of `GET /v1/images/jobs/{id}/events`: the `text/event-stream` body
+/// is a sequence of these, each as `event:`, `id:` and `data:` lines.
+#[derive(ToSchema)]
+pub struct ImageJobStreamEvent {
+    /// `queued`, `progress` (running: one per step, coalesced when the client is slow), then
+    /// one of `succeeded`, `failed` or `cancelled`, after which the stream ends.
+    pub event: String,
+    /// Increases with every change of the job.
+    pub id: String,
+    /// The job as `GET /v1/images/jobs/{id}` returns it (`result` set once succeeded), as JSON.
+    pub data: ImageJob,
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -41,6 +41,18 @@ pub struct AlignEventList {
     pub data: Vec<AlignEvent>,
 }
 
+/// One server-sent event of `GET /v1/align/jobs/{id}/events?stream=true`: the
+/// `text/event-stream` body is a sequence of these, each as `event:`, `id:` and `data:` lines.
+#[derive(ToSchema)]
+pub struct AlignJobStreamEvent {
+    /// The event's `type`.
+    pub event: String,
+    /// The event's `id`.
+    pub id: String,
+    /// The event, as JSON.
+    pub data: AlignEvent,
+}
+
 /// A reward a job may name.
 #[derive(Serialize, ToSchema)]
 pub struct RewardDescription {
@@ -58,12 +70,15 @@ pub struct RewardList {
 
 /// Query of the events endpoint.
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct EventsQuery {
-    /// Only events with a larger id.
+    /// Only events with a larger id (default 0: all).
     #[serde(default)]
+    #[param(required = false)]
     pub after: u64,
     /// Answer with server-sent events (also chosen by `Accept: text/event-stream`).
     #[serde(default)]
+    #[param(required = false)]
     pub stream: bool,
 }
 
@@ -87,6 +102,7 @@ fn validate(state: &AppState, req: &AlignRequest, seed: u64) -> Result<(), ApiEr
             .code("adapter_busy"));
     }
     req.to_config(&AlignLimits::default(), seed).map_err(|(param, message)| ApiError::invalid(param, message))?;
+    req.check_model(&*state.ready_model()?).map_err(|(param, message)| ApiError::invalid(param, message))?;
     build_all(&req.rewards, &state.reward_models).map_err(|e| ApiError::invalid("rewards", format!("{e:#}")))?;
     if let Some(init) = &req.init_adapter {
         if !state.adapters.exists(init) {
@@ -98,10 +114,12 @@ fn validate(state: &AppState, req: &AlignRequest, seed: u64) -> Result<(), ApiEr
 
 /// Start an AlignProp run.
 ///
-/// Validates the request (400 for bad values, 404 for a missing `init_adapter`, 409 when the
-/// adapter exists without `overwrite`) and queues the job: 202 with the job object. On
-/// success the adapter is written to `adapters/<adapter_name>.safetensors` and is usable at
-/// once. `POST /align` is the same endpoint.
+/// Validates the request (400 for bad values, including sizes the trainer cannot do and
+/// prompts longer than the text encoder sees; 404 for a missing `init_adapter`; 409 when the
+/// adapter exists without `overwrite`; 503 while the model loads) and queues the job: 202
+/// with the job object. On success the adapter is written to
+/// `adapters/<adapter_name>.safetensors` and is usable at once. `POST /align` is the same
+/// endpoint.
 #[utoipa::path(
     post,
     path = "/v1/align/jobs",
@@ -115,6 +133,8 @@ fn validate(state: &AppState, req: &AlignRequest, seed: u64) -> Result<(), ApiEr
         (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
         (status = 404, description = "`init_adapter` does not exist", body = ErrorResponse),
         (status = 409, description = "The adapter exists (no `overwrite`) or another job writes it", body = ErrorResponse),
+        (status = 503, description = "The model is still loading", body = ErrorResponse,
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
     ),
     security(("bearer" = []))
 )]
@@ -207,7 +227,7 @@ pub async fn cancel_align_job(State(state): State<AppState>, ApiPath(id): ApiPat
     params(("id" = String, Path, description = "Job id"), EventsQuery),
     responses(
         (status = 200, description = "The events (JSON list, or an event stream)",
-            content((AlignEventList = "application/json"), (String = "text/event-stream"))),
+            content((AlignEventList = "application/json"), (AlignJobStreamEvent = "text/event-stream"))),
         (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
         (status = 404, description = "No such job", body = ErrorResponse),
     ),

@@ -12,7 +12,7 @@ use futures_util::stream::{self, Stream};
 
 use super::edits::submit_edit;
 use super::images::submit;
-use crate::server::api::{ImageEditForm, ImageGenerationRequest, ImageJob, JobStatus};
+use crate::server::api::{ImageEditForm, ImageGenerationRequest, ImageJob, ImageJobStreamEvent, JobStatus};
 use crate::server::edit_form::EditForm;
 use crate::server::error::{ApiError, ErrorResponse};
 use crate::server::extract::{ApiJson, ApiPath};
@@ -198,7 +198,7 @@ fn job_events_stream(
     operation_id = "image_job_events",
     params(("id" = String, Path, description = "Job id")),
     responses(
-        (status = 200, description = "An event stream of job objects", content_type = "text/event-stream", body = String),
+        (status = 200, description = "Server-sent events, one per change of the job", content_type = "text/event-stream", body = ImageJobStreamEvent),
         (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
         (status = 404, description = "No such job", body = ErrorResponse),
     ),

@@ -2,6 +2,7 @@
 
 pub mod adapters;
 pub mod align;
+pub mod docs;
 pub mod edits;
 pub mod images;
 pub mod jobs;
@@ -16,10 +17,6 @@ use axum::routing::{get, post};
 use axum::Router;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::trace::TraceLayer;
-use utoipa::OpenApi;
-use utoipa_redoc::{Redoc, Servable};
-
-use super::openapi::ApiDoc;
 use super::state::AppState;
 
 /// The API routes, still needing their state.
@@ -55,7 +52,8 @@ fn routes(state: &AppState) -> Router<AppState> {
         .route("/ready", get(system::ready))
         .route("/metrics", get(system::metrics))
         .route("/openapi.json", get(system::openapi_json))
-        .merge(Redoc::with_url("/docs", ApiDoc::openapi()))
+        .route("/docs", get(docs::page))
+        .route("/docs/redoc.standalone.js", get(docs::redoc))
 }
 
 fn cors(origins: &[String]) -> anyhow::Result<Option<CorsLayer>> {
