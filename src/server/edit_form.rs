@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use serde_json::{Map, Number, Value};
 
 use super::api::ImageGenerationRequest;
-use super::error::ApiError;
+use super::error::{is_body_timeout, ApiError};
 
 /// A parsed edit form.
 pub struct EditForm {
@@ -26,7 +26,9 @@ const NUMBERS: [&str; 3] = ["guidance_scale", "eta", "strength"];
 const BOOLEANS: [&str; 1] = ["stream"];
 
 fn multipart_error(e: MultipartError) -> ApiError {
-    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+    if is_body_timeout(&e) {
+        ApiError::body_timeout()
+    } else if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::payload_too_large(format!("request body too large: {}", e.body_text()))
     } else {
         ApiError::bad_request(format!("malformed multipart body: {}", e.body_text())).code("invalid_body")

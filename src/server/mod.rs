@@ -12,7 +12,7 @@
 //! - [`adapters`]: the adapters folder and its LRU cache.
 //! - [`model`]: the model, loaded in the background; [`state`]: what handlers share.
 //! - [`routes`]: handlers and the router; [`auth`], [`metrics`]: middleware; [`openapi`]: the
-//!   document.
+//!   document; [`http`]: the connections (timeouts, protocol errors, graceful shutdown).
 //!
 //! - [`align`]: the /align job runner (training on the served model into adapters/).
 //!
@@ -28,6 +28,7 @@ pub mod edit_form;
 pub mod edit_params;
 pub mod error;
 pub mod extract;
+pub mod http;
 pub mod jobs;
 pub mod metrics;
 pub mod model;
@@ -116,9 +117,12 @@ impl Server {
                 Ok(_) => std::future::pending().await,
             }
         };
-        let serve = axum::serve(self.listener, self.router).with_graceful_shutdown(shutdown);
+        let timeouts = http::Timeouts {
+            header: Duration::from_secs(state.config.header_timeout_s),
+            body_idle: Duration::from_secs(state.config.body_timeout_s),
+        };
         let result = tokio::select! {
-            r = serve => r.context("server error"),
+            () = http::serve(self.listener, self.router, timeouts, shutdown) => Ok(()),
             e = model_failed => Err(anyhow::anyhow!("cannot load the model: {e}")),
         };
         state.jobs.close();

@@ -19,8 +19,8 @@ use crate::rewards::registry::RewardSpec;
     info(
         title = "sdserve",
         description = "Stable Diffusion server with per-request LoRA adapters. `POST /v1/images/generations` \
-follows OpenAI's Images API (b64_json only) with Stable Diffusion extensions; the job API runs the same \
-requests asynchronously with progress and cancellation. Every error has the body \
+and `POST /v1/images/edits` follow OpenAI's Images API (b64_json only) with Stable Diffusion extensions; \
+the job API runs the same requests asynchronously with progress and cancellation. Every error has the body \
 `{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`.",
         license(name = "MIT OR Apache-2.0")
     ),
@@ -96,7 +96,7 @@ requests asynchronously with progress and cancellation. Every error has the body
     )),
     modifiers(&BearerAuth),
     tags(
-        (name = "images", description = "OpenAI-compatible image generation"),
+        (name = "images", description = "OpenAI-compatible image generation and edits (image-to-image, inpainting)"),
         (name = "jobs", description = "Asynchronous image jobs: submit, poll, cancel, events"),
         (name = "adapters", description = "LoRA adapters: list, upload, delete, rescan"),
         (name = "align", description = "AlignProp runs: reward fine-tuning of LoRA adapters as background jobs"),
