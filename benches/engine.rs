@@ -37,10 +37,10 @@ fn main() -> anyhow::Result<()> {
     let sd = StableDiffusion::load(&dir, &Device::Cpu, DType::F32)?;
     println!("fixture model {}, {} threads", dir.display(), candle_core::utils::get_num_threads());
 
-    let context = sd.text_embeddings("two red circles and a blue square", "", 7.5, LoraSet::none())?;
+    let cond = sd.conditioning("two red circles and a blue square", None, 7.5, (64, 64), &PipelineLora::default())?;
     let latents = NoiseRng::new(0).randn((2, 4, 16, 16), DType::F32, &Device::Cpu)?;
     bench("unet step (batch 2, 16x16 latent)", 10, || {
-        sd.unet.forward(&latents, 500.0, &context, LoraSet::none()).unwrap();
+        sd.unet.forward(&latents, 500.0, &cond, LoraSet::none()).unwrap();
     });
 
     let params = GenerateParams::new("two red circles and a blue square", 1, 64, 64);
@@ -51,7 +51,7 @@ fn main() -> anyhow::Result<()> {
     let targets = sdserve::align::attention_targets(&sd.lora_targets);
     let lora = TrainableLora::new(&targets, 4, 4.0, &mut NoiseRng::new(3), DType::F32, &Device::Cpu)?;
     let scheduler = Ddim::new(&sd.scheduler_config, 10, 0.0)?;
-    let traj = Trajectory { unet: &sd.unet, scheduler: &scheduler, context: &context, guidance_scale: 7.5, step_noise: vec![] };
+    let traj = Trajectory { unet: &sd.unet, scheduler: &scheduler, cond: &cond, guidance_scale: 7.5, step_noise: vec![] };
     let objective = |x0: &candle_core::Tensor| {
         let r = Brightness.score(&sd.decode(x0)?, &[])?;
         Ok((r.mean_all()?.neg()?, r))

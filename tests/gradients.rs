@@ -1,5 +1,6 @@
-//! LoRA gradients through UNet step → DDIM update → VAE decode → reward are correct: an f64
-//! finite-difference check, and the step-by-step recompute equals full-graph backprop.
+//! LoRA gradients through UNet step → DDIM update → VAE decode → reward are correct: f64
+//! finite-difference checks (SD 1.x and SDXL UNets), and the step-by-step recompute equals
+//! full-graph backprop.
 
 mod common;
 #[path = "common/training.rs"]
@@ -28,7 +29,7 @@ fn adapter(fx: &training::TrainingFixture) -> TrainableLora {
 /// Loss = −mean of a non-linear pixel statistic of the unclamped decode.
 fn objective(fx: &training::TrainingFixture) -> impl Fn(&Tensor) -> candle_core::Result<(Tensor, Tensor)> + '_ {
     move |x0: &Tensor| {
-        let img = ((fx.vae.decode(&(x0 / 0.18215)?)? / 2.0)? + 0.5)?;
+        let img = ((fx.vae.decode(&(x0 / fx.scaling)?)? / 2.0)? + 0.5)?;
         let r = img.sqr()?.flatten_from(1)?.mean(1)?;
         Ok((r.mean_all()?.neg()?, r))
     }
@@ -38,14 +39,14 @@ fn dot(a: &[Tensor], b: &[Tensor]) -> f64 {
     a.iter().zip(b).map(|(x, y)| (x * y).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()).sum()
 }
 
-#[test]
-fn lora_gradients_match_finite_differences_f64() {
-    let fx = training::training_fixture(DType::F64);
-    let lora = adapter(&fx);
+/// Directional derivatives of the loss along random directions in the down and in the up
+/// factors: the analytic gradient against central differences.
+fn check_finite_differences(fx: &training::TrainingFixture) {
+    let lora = adapter(fx);
     let scheduler = Ddim::new(&fx.scheduler, 2, 0.0).unwrap();
-    let traj = Trajectory { unet: &fx.unet, scheduler: &scheduler, context: &fx.context, guidance_scale: 3.0, step_noise: vec![] };
+    let traj = Trajectory { unet: &fx.unet, scheduler: &scheduler, cond: &fx.cond, guidance_scale: 3.0, step_noise: vec![] };
     let x_t = NoiseRng::new(1).randn((1, 4, 8, 8), DType::F64, &Device::Cpu).unwrap();
-    let obj = objective(&fx);
+    let obj = objective(fx);
     let bp = full_graph(&traj, &lora, &x_t, 2, &obj).unwrap();
 
     let vars = lora.vars();
@@ -79,11 +80,25 @@ fn lora_gradients_match_finite_differences_f64() {
 }
 
 #[test]
+fn lora_gradients_match_finite_differences_f64() {
+    check_finite_differences(&training::training_fixture(DType::F64));
+}
+
+#[test]
+fn sdxl_lora_gradients_match_finite_differences_f64() {
+    // Through the SDXL UNet: pooled text embedding and time ids in the time embedding, two
+    // transformer layers per block, cross-attention over both encoders' states.
+    let fx = training::sdxl_training_fixture(DType::F64);
+    assert!(fx.unet.takes_added_conditions());
+    check_finite_differences(&fx);
+}
+
+#[test]
 fn recompute_equals_full_graph_f64() {
     let fx = training::training_fixture(DType::F64);
     let lora = adapter(&fx);
     let scheduler = Ddim::new(&fx.scheduler, 4, 0.0).unwrap();
-    let traj = Trajectory { unet: &fx.unet, scheduler: &scheduler, context: &fx.context, guidance_scale: 3.0, step_noise: vec![] };
+    let traj = Trajectory { unet: &fx.unet, scheduler: &scheduler, cond: &fx.cond, guidance_scale: 3.0, step_noise: vec![] };
     let x_t = NoiseRng::new(2).randn((1, 4, 8, 8), DType::F64, &Device::Cpu).unwrap();
     let obj = objective(&fx);
     let full = full_graph(&traj, &lora, &x_t, 3, &obj).unwrap();

@@ -108,11 +108,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 /// `scale · up · down` of the single delta at `path`.
 fn delta_weight(lora: &PipelineLora, component: Component, path: &str) -> Tensor {
-    let set = match component {
-        Component::Unet => &lora.unet,
-        Component::TextEncoder => &lora.text_encoder,
-    };
-    let [d] = set.get(path) else {
+    let [d] = lora.component(component).get(path) else {
         panic!("expected one delta at {path}")
     };
     let (down, up) = d.update.low_rank().expect("a low-rank delta");
@@ -496,4 +492,79 @@ fn invalid_lycoris_files_name_the_problem() {
     t.insert(format!("{module}.w_norm"), Tensor::ones(32, DType::F32, &Device::Cpu).unwrap());
     let msg = error_of(&t);
     assert!(msg.contains("unrecognised") && msg.contains("w_norm"), "{msg}");
+}
+
+fn sdxl_targets() -> LoraTargets {
+    let dir = common::sdxl_fixture_dir();
+    LoraTargets::from_files(&dir.join("unet/diffusion_pytorch_model.safetensors"), &dir.join("text_encoder/model.safetensors"))
+        .unwrap()
+        .with_text_encoder_2(&dir.join("text_encoder_2/model.safetensors"))
+        .unwrap()
+}
+
+/// Every module's `scale · up · down`, keyed by component and path.
+fn all_deltas(a: &LoraAdapter) -> BTreeMap<(Component, String), Tensor> {
+    let mut lora = PipelineLora::default();
+    a.add_to(0.8, &mut lora);
+    a.modules().iter().map(|m| ((m.component, m.path.clone()), delta_weight(&lora, m.component, &m.path))).collect()
+}
+
+fn assert_same_deltas(a: &LoraAdapter, b: &LoraAdapter) {
+    let (a, b) = (all_deltas(a), all_deltas(b));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (k, d) in &a {
+        assert!(max_abs_diff(d, &b[k]) < 1e-6, "{k:?}");
+    }
+}
+
+#[test]
+fn sdxl_files_cover_the_unet_and_both_text_encoders() {
+    let dir = common::sdxl_fixture_dir().join("loras");
+    let targets = sdxl_targets();
+    let diffusers = LoraAdapter::from_file(&dir.join("probe_diffusers.safetensors"), &targets, &Device::Cpu).unwrap();
+    let kohya = LoraAdapter::from_file(&dir.join("probe_kohya.safetensors"), &targets, &Device::Cpu).unwrap();
+    assert_eq!((diffusers.format(), kohya.format()), (LoraFormat::Diffusers, LoraFormat::Kohya));
+    let count = |a: &LoraAdapter, c: Component| a.modules().iter().filter(|m| m.component == c).count();
+    for a in [&diffusers, &kohya] {
+        // 3 layers × q/k/v/out per text encoder; the second's paths keep `text_model.`.
+        assert_eq!((count(a, Component::TextEncoder), count(a, Component::TextEncoder2)), (12, 12));
+        assert_eq!(count(a, Component::Unet), 96);
+        assert!(a.modules().iter().filter(|m| m.component != Component::Unet).all(|m| m.path.starts_with("text_model.encoder.layers.")));
+    }
+    assert_same_deltas(&diffusers, &kohya);
+
+    // sd-scripts' SDXL naming (`lora_unet_input_blocks_4_1_…`), on every UNet linear and conv.
+    let sgm = LoraAdapter::from_file(&dir.join("locon_sgm_kohya.safetensors"), &targets, &Device::Cpu).unwrap();
+    assert_eq!((sgm.format(), sgm.num_modules()), (LoraFormat::Kohya, targets.modules(Component::Unet).count()));
+    assert!(sgm.modules().iter().any(|m| m.path == "up_blocks.0.upsamplers.0.conv" && m.update.tensors()[0].dims() == [4, 64, 3, 3]));
+
+    // An SDXL adapter on an SD 1.x model: the second text encoder's keys are named.
+    let err = LoraAdapter::from_file(&dir.join("probe_diffusers.safetensors"), &self::targets(), &Device::Cpu).unwrap_err();
+    let err = format!("{err:#}");
+    assert!(err.contains("keys for text_encoder_2, which this model does not have (an SDXL adapter on an SD 1.x/2.x model?) (24)"), "{err}");
+}
+
+#[test]
+fn text_encoder_key_forms_give_the_same_deltas() {
+    // SD 1.x: transformers 5 keys (no `text_model.`), kohya `lora_te_text_model_…`, and the
+    // transformers 4 form with `text_model.` written out.
+    let five = load("te_probe_diffusers.safetensors");
+    assert!(tensors("te_probe_diffusers.safetensors").keys().any(|k| k.starts_with("text_encoder.encoder.layers.")));
+    assert!(five.modules().iter().any(|m| m.component == Component::TextEncoder && m.path.starts_with("text_model.")));
+    assert_same_deltas(&five, &load("te_probe_kohya.safetensors"));
+    let tmp = TempDir::new("lora-files");
+    let four: Tensors = tensors("te_probe_diffusers.safetensors")
+        .into_iter()
+        .map(|(k, t)| (k.replacen("text_encoder.", "text_encoder.text_model.", 1), t))
+        .collect();
+    let path = tmp.0.join("four.safetensors");
+    write(&path, &four, &[]);
+    assert_same_deltas(&five, &LoraAdapter::from_file(&path, &targets(), &Device::Cpu).unwrap());
+    // kohya without `text_model_` resolves too.
+    let short: Tensors = tensors("te_probe_kohya.safetensors")
+        .into_iter()
+        .map(|(k, t)| (k.replacen("lora_te_text_model_", "lora_te_", 1), t))
+        .collect();
+    write(&path, &short, &[]);
+    assert_same_deltas(&five, &LoraAdapter::from_file(&path, &targets(), &Device::Cpu).unwrap());
 }

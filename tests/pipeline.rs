@@ -1,29 +1,144 @@
-//! Every pipeline case of the fixture manifest reproduces diffusers' image from the stored
-//! initial latents.
+//! Every pipeline case of the fixture manifests (SD 1.x and SDXL) reproduces diffusers' image
+//! from the stored initial latents.
 
 mod common;
 
-use candle_core::{DType, Device};
-use sdserve::engine::pipeline::{GenerateParams, StableDiffusion};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use sdserve::engine::pipeline::{GenerateParams, ModelFamily, StableDiffusion};
 use sdserve::lora::{LoraAdapter, PipelineLora};
+use sdserve::model::config::SchedulerConfig;
 use serde_json::Value;
 
-#[test]
-fn manifest_cases_match_diffusers() {
-    let dir = common::fixture_dir();
-    let manifest: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference/manifest.json")).unwrap()).unwrap();
-    let sd = StableDiffusion::load(&dir, &Device::Cpu, DType::F32).unwrap();
-    let latents = common::components()["vae_latents"].clone();
-    let cases = manifest["cases"].as_array().unwrap();
-    assert_eq!(cases.len(), 5);
-    for case in cases {
+fn psnr(a: &Tensor, b: &Tensor) -> f64 {
+    let mse = (a - b).unwrap().sqr().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+    10.0 * (1.0 / mse).log10()
+}
+
+fn case_loras(case: &Value) -> Vec<(String, f64)> {
+    let one = |v: &Value| (v["file"].as_str().unwrap().to_string(), v["scale"].as_f64().unwrap());
+    match (&case["lora"], &case["loras"]) {
+        (Value::Object(_), _) => vec![one(&case["lora"])],
+        (_, Value::Array(list)) => list.iter().map(one).collect(),
+        _ => vec![],
+    }
+}
+
+/// The case's adapters loaded from `dir`, at their scales.
+fn loras(sd: &StableDiffusion, dir: &Path, files: &[(String, f64)]) -> PipelineLora {
+    let mut lora = PipelineLora::default();
+    for (file, scale) in files {
+        LoraAdapter::from_file(&dir.join(file), &sd.lora_targets, &Device::Cpu).unwrap().add_to(*scale, &mut lora);
+    }
+    lora
+}
+
+/// Our image `[H, W, 3]` for a manifest case, with `files` as its adapters.
+fn draw(sd: &StableDiffusion, dir: &Path, case: &Value, files: &[(String, f64)]) -> Tensor {
+    let params = GenerateParams {
+        prompt: case["prompt"].as_str().unwrap().into(),
+        negative_prompt: case["negative_prompt"].as_str().map(String::from),
+        steps: case["steps"].as_u64().unwrap() as usize,
+        guidance_scale: case["guidance_scale"].as_f64().unwrap(),
+        seed: 0,
+        width: case["width"].as_u64().unwrap() as usize,
+        height: case["height"].as_u64().unwrap() as usize,
+        scheduler: case["scheduler"].as_str().unwrap().parse().unwrap(),
+        eta: case["eta"].as_f64().unwrap(),
+        latents: Some(common::components_of(dir)["vae_latents"].clone()),
+    };
+    let image = sd.generate(&params, &loras(sd, dir, files), &mut |_, _| Ok(())).unwrap();
+    image.to_dtype(DType::F32).unwrap().squeeze(0).unwrap().permute((1, 2, 0)).unwrap()
+}
+
+fn reference(dir: &Path, name: &str) -> Tensor {
+    candle_core::safetensors::load(dir.join(format!("reference/{name}.safetensors")), &Device::Cpu).unwrap()["image"].clone()
+}
+
+/// A loaded fixture model per dtype, with its scheduler config as the folder gives it.
+struct Models {
+    dir: PathBuf,
+    loaded: HashMap<&'static str, (StableDiffusion, SchedulerConfig)>,
+}
+
+impl Models {
+    fn new(dir: PathBuf) -> Self {
+        Self { dir, loaded: HashMap::new() }
+    }
+
+    /// The model in the case's dtype, its scheduler config overlaid with the case's
+    /// `scheduler_config` fields.
+    fn for_case(&mut self, case: &Value) -> &StableDiffusion {
+        let dtype = match case["dtype"].as_str().unwrap_or("f32") {
+            "f16" => "f16",
+            _ => "f32",
+        };
+        let dir = &self.dir;
+        let (sd, base) = self.loaded.entry(dtype).or_insert_with(|| {
+            let sd = StableDiffusion::load(dir, &Device::Cpu, if dtype == "f16" { DType::F16 } else { DType::F32 }).unwrap();
+            let base = sd.scheduler_config.clone();
+            (sd, base)
+        });
+        let mut cfg = serde_json::to_value(&*base).unwrap();
+        if let Value::Object(overrides) = &case["scheduler_config"] {
+            for (k, v) in overrides {
+                cfg[k] = v.clone();
+            }
+        }
+        sd.scheduler_config = serde_json::from_value(cfg).unwrap();
+        sd
+    }
+}
+
+/// Checks every case of `dir/reference/<manifest>` at PSNR ≥ 40 dB; returns the cases.
+fn check_manifest(models: &mut Models, manifest: &str, expected_cases: usize) -> Vec<Value> {
+    let dir = models.dir.clone();
+    let manifest: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference").join(manifest)).unwrap()).unwrap();
+    let cases = manifest["cases"].as_array().unwrap().clone();
+    assert_eq!(cases.len(), expected_cases);
+    for case in &cases {
         let name = case["name"].as_str().unwrap();
-        let ours = common::run_case(&sd, case, &latents);
-        let p = common::psnr(&ours, &common::reference_image(&format!("reference/{name}.safetensors")));
+        let p = psnr(&draw(models.for_case(case), &dir, case, &case_loras(case)), &reference(&dir, name));
         println!("{name}: PSNR {p:.1} dB");
         assert!(p >= 40.0, "{name}: PSNR {p:.1} dB < 40");
     }
+    cases
+}
+
+/// Draws the case with a kohya file in place of its diffusers one, against the same reference.
+fn check_kohya(models: &mut Models, cases: &[Value], name: &str, kohya_file: &str) {
+    let dir = models.dir.clone();
+    let case = cases.iter().find(|c| c["name"] == name).unwrap();
+    let scale = case_loras(case)[0].1;
+    let image = draw(models.for_case(case), &dir, case, &[(kohya_file.to_string(), scale)]);
+    let p = psnr(&image, &reference(&dir, name));
+    println!("{kohya_file} against {name}: PSNR {p:.1} dB");
+    assert!(p >= 40.0, "{kohya_file}: PSNR {p:.1} dB < 40");
+}
+
+#[test]
+fn manifest_cases_match_diffusers() {
+    let mut models = Models::new(common::fixture_dir());
+    check_manifest(&mut models, "manifest.json", 5);
+    // Euler, and a LoRA on the text encoder (transformers 5 keys) and UNet, also in kohya naming.
+    let extra = check_manifest(&mut models, "extra_manifest.json", 2);
+    check_kohya(&mut models, &extra, "ddim10_cfg7.5_te_probe_diffusers_0.8", "loras/te_probe_kohya.safetensors");
+    assert_eq!(models.for_case(&extra[0]).family, ModelFamily::Sd1);
+}
+
+#[test]
+fn sdxl_manifest_cases_match_diffusers() {
+    let mut models = Models::new(common::sdxl_fixture_dir());
+    let cases = check_manifest(&mut models, "manifest.json", 5);
+    // The kohya file holds the same UNet and text encoder weights (alpha = rank / 2, up doubled).
+    check_kohya(&mut models, &cases, "ddim10_cfg5_probe_diffusers_0.8", "loras/probe_kohya.safetensors");
+    // No negative prompt (zero embeddings), Euler's spacings and Karras sigmas, a kohya LoRA on
+    // every UNet layer in the sgm naming sd-scripts writes for SDXL, float16.
+    check_manifest(&mut models, "extra_manifest.json", 6);
+    let f16 = models.loaded.get("f16").map(|(sd, _)| (sd.family, sd.vae_dtype));
+    assert_eq!(f16, Some((ModelFamily::Sdxl, DType::F32)), "force_upcast keeps the f16 model's VAE in f32");
 }
 
 #[test]

@@ -23,7 +23,7 @@ fn recompute_uses_less_peak_memory_for_the_same_gradient() {
         TrainableLora::new(&attention_targets(&fx.targets), 4, 4.0, &mut NoiseRng::new(3), DType::F32, &Device::Cpu)
             .unwrap();
     let scheduler = Ddim::new(&fx.scheduler, 4, 0.0).unwrap();
-    let traj = Trajectory { unet: &fx.unet, scheduler: &scheduler, context: &fx.context, guidance_scale: 7.5, step_noise: vec![] };
+    let traj = Trajectory { unet: &fx.unet, scheduler: &scheduler, cond: &fx.cond, guidance_scale: 7.5, step_noise: vec![] };
     let x_t = NoiseRng::new(4).randn((1, 4, 16, 16), DType::F32, &Device::Cpu).unwrap();
     let obj = |x0: &Tensor| {
         let img = ((fx.vae.decode(&(x0 / 0.18215)?)? / 2.0)? + 0.5)?;

@@ -135,6 +135,44 @@ fn align_job_writes_an_adapter_that_the_next_request_uses() {
 }
 
 #[test]
+fn sdxl_align_job_writes_an_adapter_that_the_next_request_uses() {
+    let s = start(|c| c.model = server_support::common::sdxl_fixture_dir());
+    let models: Value = s.get("/v1/models").json().unwrap();
+    assert_eq!(models["data"][0]["family"], "sdxl");
+
+    // An SDXL adapter (UNet and both text encoders) uploads and draws; an SD 1.x one is refused.
+    let probe = std::fs::read(server_support::common::sdxl_fixture_dir().join("loras/probe_diffusers.safetensors")).unwrap();
+    assert_eq!(s.put_bytes("/v1/adapters/probe_sdxl", probe).status(), StatusCode::CREATED);
+    let request = |lora: Option<&str>| {
+        let mut body = json!({"prompt": "two red circles", "size": "32x32", "steps": 4, "guidance_scale": 5.0,
+            "scheduler": "euler", "seed": 7});
+        if let Some(name) = lora {
+            body["loras"] = json!([{"name": name, "weight": 1.0}]);
+        }
+        body
+    };
+    let base = s.image_b64(request(None));
+    assert_ne!(s.image_b64(request(Some("probe_sdxl"))), base);
+    let err = assert_error(s.post_json("/v1/images/generations", &request(Some("probe_diffusers"))), StatusCode::BAD_REQUEST);
+    assert!(err["message"].as_str().unwrap().contains("not in the base model"), "{err}");
+
+    // AlignProp on the SDXL UNet's attention; the adapter is used by the next request.
+    let mut body = align_body("sdxl-brighter", 3);
+    body["truncation"] = json!({"k": 2});
+    let job = submit(&s, &body);
+    let done = wait_align(&s, job["id"].as_str().unwrap(), terminal);
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["metrics"].as_array().unwrap().len(), 3);
+    let adapters: Value = s.get("/v1/adapters").json().unwrap();
+    let entry = adapters["data"].as_array().unwrap().iter().find(|a| a["name"] == "sdxl-brighter").cloned().expect("listed");
+    assert_eq!(entry["source"], "align_job", "{entry}");
+    let trained = s.image_b64(request(Some("sdxl-brighter")));
+    assert_ne!(trained, base, "the trained adapter must change the image");
+    assert_eq!(s.image_b64(request(None)), base, "no adapter after an adapter run must be unchanged");
+    s.assert_still_serving();
+}
+
+#[test]
 fn bad_align_requests_get_clear_errors() {
     let s = start(|_| {});
     let with = |k: &str, v: Value| {

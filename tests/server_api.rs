@@ -61,6 +61,7 @@ fn system_endpoints() {
     assert_eq!(models["object"], "list");
     assert_eq!(models["data"][0]["id"], "tiny-sd1");
     assert_eq!(models["data"][0]["object"], "model");
+    assert_eq!(models["data"][0]["family"], "sd1");
     assert_eq!(s.get("/v1/models/tiny-sd1").status(), StatusCode::OK);
     assert_error(s.get("/v1/models/dall-e-3"), StatusCode::NOT_FOUND);
 

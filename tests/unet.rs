@@ -5,7 +5,7 @@ mod common;
 use candle_core::{DType, Device};
 use sdserve::lora::LoraSet;
 use sdserve::model::config::{read_json, UNetConfig};
-use sdserve::model::unet::UNet2DConditionModel;
+use sdserve::model::unet::{Conditioning, UNet2DConditionModel};
 use sdserve::model::weights;
 
 fn load(dtype: DType) -> UNet2DConditionModel {
@@ -20,7 +20,7 @@ fn unet_matches_diffusers() {
     let refs = common::components();
     let unet = load(DType::F32);
     let t = refs["unet_timestep"].to_vec1::<f32>().unwrap()[0] as f64;
-    let out = unet.forward(&refs["unet_sample"], t, &refs["text_embeddings"], LoraSet::none()).unwrap();
+    let out = unet.forward(&refs["unet_sample"], t, &Conditioning::text(refs["text_embeddings"].clone()), LoraSet::none()).unwrap();
     let err = common::max_abs_diff(&out, &refs["unet_out"]);
     println!("unet max abs err {err:e}");
     assert!(err <= 1e-4, "unet max abs err {err}");

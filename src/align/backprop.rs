@@ -12,14 +12,14 @@ use super::optim::grad_or_zeros;
 use crate::engine::denoise::guided_noise_pred;
 use crate::engine::scheduler::Ddim;
 use crate::lora::{LoraSet, TrainableLora};
-use crate::model::unet::UNet2DConditionModel;
+use crate::model::unet::{Conditioning, UNet2DConditionModel};
 
 /// One sampled trajectory: the frozen UNet, the DDIM schedule and the conditioning.
 pub struct Trajectory<'a> {
     pub unet: &'a UNet2DConditionModel,
     pub scheduler: &'a Ddim,
-    /// `[2, T, D]` (unconditional first) or `[1, T, D]` when guidance is off.
-    pub context: &'a Tensor,
+    /// Batch 2 (unconditional first), or 1 when guidance is off.
+    pub cond: &'a Conditioning,
     pub guidance_scale: f64,
     /// Per-step noise for DDIM with eta > 0 (drawn once so a recompute sees the same).
     pub step_noise: Vec<Option<Tensor>>,
@@ -38,7 +38,7 @@ impl Trajectory<'_> {
     /// One guided DDIM step from `x` at step index `i`.
     pub fn step(&self, i: usize, x: &Tensor, lora: &LoraSet) -> Result<Tensor> {
         let t = self.scheduler.timesteps()[i];
-        let eps = guided_noise_pred(self.unet, x, t, self.context, self.guidance_scale, lora)?;
+        let eps = guided_noise_pred(self.unet, x, t, self.cond, self.guidance_scale, lora)?;
         let noise = self.step_noise.get(i).and_then(Option::as_ref);
         self.scheduler.step_pure(&eps, i, x, noise)
     }

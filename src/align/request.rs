@@ -38,6 +38,8 @@ pub struct AlignRequest {
     /// A built-in prompt list: `shapes` or `simple_animals`.
     #[serde(default)]
     pub prompt_set: Option<String>,
+    /// Guidance's unconditional prompt; left out as in generation requests (the empty prompt,
+    /// or zero embeddings on SDXL models).
     #[serde(default)]
     pub negative_prompt: Option<String>,
     /// Weighted rewards to maximise.
@@ -232,7 +234,7 @@ impl AlignRequest {
         };
         let cfg = AlignConfig {
             prompts: self.prompt_list()?,
-            negative_prompt: self.negative_prompt.clone().unwrap_or_default(),
+            negative_prompt: self.negative_prompt.clone(),
             steps: self.steps,
             adamw: AdamWConfig { lr: self.learning_rate, weight_decay: self.weight_decay, ..Default::default() },
             max_grad_norm: self.max_grad_norm,

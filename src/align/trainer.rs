@@ -16,7 +16,8 @@ use super::validation::{Selection, Validation, Validator};
 use crate::engine::noise::NoiseRng;
 use crate::engine::pipeline::StableDiffusion;
 use crate::engine::scheduler::Ddim;
-use crate::lora::{LoraSet, TrainableLora};
+use crate::lora::{LoraSet, PipelineLora, TrainableLora};
+use crate::model::unet::Conditioning;
 use crate::rewards::WeightedRewards;
 
 /// How many final denoising steps carry gradient.
@@ -49,7 +50,8 @@ impl Truncation {
 #[derive(Clone, Debug)]
 pub struct AlignConfig {
     pub prompts: Vec<String>,
-    pub negative_prompt: String,
+    /// `None` as in generation requests (zero embeddings for SDXL's `force_zeros_for_empty_prompt`).
+    pub negative_prompt: Option<String>,
     pub steps: usize,
     pub adamw: AdamWConfig,
     pub max_grad_norm: f64,
@@ -116,23 +118,28 @@ pub enum StopReason {
     TimeBudget,
 }
 
-/// Text embeddings per prompt, computed once.
+/// The conditioning per prompt, computed once.
 struct PromptCache<'a> {
     sd: &'a StableDiffusion,
-    negative: &'a str,
-    guidance: f64,
-    cache: HashMap<String, Tensor>,
+    cfg: &'a AlignConfig,
+    cache: HashMap<String, Conditioning>,
 }
 
 impl PromptCache<'_> {
-    fn get(&mut self, prompt: &str) -> Result<Tensor> {
-        if let Some(t) = self.cache.get(prompt) {
-            return Ok(t.clone());
+    fn get(&mut self, prompt: &str) -> Result<Conditioning> {
+        if let Some(c) = self.cache.get(prompt) {
+            return Ok(c.clone());
         }
-        let t = self.sd.text_embeddings(prompt, self.negative, self.guidance, LoraSet::none())?;
-        self.cache.insert(prompt.to_string(), t.clone());
-        Ok(t)
+        let c = prompt_conditioning(self.sd, self.cfg, prompt)?;
+        self.cache.insert(prompt.to_string(), c.clone());
+        Ok(c)
     }
+}
+
+/// The conditioning of a training or validation image for `prompt`, without adapters.
+fn prompt_conditioning(sd: &StableDiffusion, cfg: &AlignConfig, prompt: &str) -> Result<Conditioning> {
+    let size = (cfg.width, cfg.height);
+    sd.conditioning(prompt, cfg.negative_prompt.as_deref(), cfg.guidance_scale, size, &PipelineLora::default())
 }
 
 /// How a run ended.
@@ -154,7 +161,7 @@ pub fn train(
     cfg.validate()?;
     let shape = sd.latent_shape(cfg.width, cfg.height)?;
     let scheduler = Ddim::new(&sd.scheduler_config, cfg.sampler_steps, cfg.eta)?;
-    let mut prompts = PromptCache { sd, negative: &cfg.negative_prompt, guidance: cfg.guidance_scale, cache: HashMap::new() };
+    let mut prompts = PromptCache { sd, cfg, cache: HashMap::new() };
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let mut opt = AdamW::new(lora.vars().into_iter().cloned().collect(), cfg.adamw)?;
     let started = Instant::now();
@@ -168,7 +175,7 @@ pub fn train(
         let (mut rewards_seen, mut loss_sum) = (Vec::new(), 0.0);
         for _ in 0..samples_per_step {
             let prompt = cfg.prompts[rng.random_range(0..cfg.prompts.len())].clone();
-            let context = prompts.get(&prompt)?;
+            let cond = prompts.get(&prompt)?;
             let mut noise = NoiseRng::new(rng.random());
             let x_t = noise.randn(shape, sd.dtype, &sd.device)?;
             let step_noise = if cfg.eta > 0.0 {
@@ -176,7 +183,7 @@ pub fn train(
             } else {
                 vec![]
             };
-            let traj = Trajectory { unet: &sd.unet, scheduler: &scheduler, context: &context, guidance_scale: cfg.guidance_scale, step_noise };
+            let traj = Trajectory { unet: &sd.unet, scheduler: &scheduler, cond: &cond, guidance_scale: cfg.guidance_scale, step_noise };
             let prompt_list = [prompt];
             let objective = |x0: &Tensor| {
                 let r = rewards.score(&sd.decode(x0)?, &prompt_list)?;
@@ -239,8 +246,8 @@ pub fn evaluate(
     let shape = sd.latent_shape(cfg.width, cfg.height)?;
     let mut total = 0.0;
     for (prompt, seed) in cases {
-        let context = sd.text_embeddings(prompt, &cfg.negative_prompt, cfg.guidance_scale, LoraSet::none())?;
-        let traj = Trajectory { unet: &sd.unet, scheduler: &scheduler, context: &context, guidance_scale: cfg.guidance_scale, step_noise: vec![] };
+        let cond = prompt_conditioning(sd, cfg, prompt)?;
+        let traj = Trajectory { unet: &sd.unet, scheduler: &scheduler, cond: &cond, guidance_scale: cfg.guidance_scale, step_noise: vec![] };
         let x_t = NoiseRng::new(*seed).randn(shape, sd.dtype, &sd.device)?;
         let x0 = traj.run(0..traj.len(), &x_t, lora)?;
         let r = rewards.score(&sd.decode(&x0)?, std::slice::from_ref(prompt))?;

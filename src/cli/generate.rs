@@ -19,8 +19,9 @@ pub struct GenerateArgs {
     pub model: PathBuf,
     #[arg(long)]
     pub prompt: String,
-    #[arg(long, default_value = "")]
-    pub negative_prompt: String,
+    /// Left out: the empty prompt, or zero embeddings for SDXL (`force_zeros_for_empty_prompt`).
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
     #[arg(long, default_value_t = 7.5)]
@@ -32,7 +33,7 @@ pub struct GenerateArgs {
     pub width: usize,
     #[arg(long, default_value_t = 64)]
     pub height: usize,
-    /// ddim, euler_a, dpmpp_2m or dpmpp_2m_karras.
+    /// ddim, euler, euler_a, dpmpp_2m or dpmpp_2m_karras.
     #[arg(long, default_value = "ddim")]
     pub scheduler: SchedulerKind,
     /// DDIM eta (0 = deterministic).

@@ -51,15 +51,17 @@ fn latent_mask(mask: &Tensor, factor: usize) -> candle_core::Result<Tensor> {
 }
 
 impl StableDiffusion {
-    /// Images `[B, 3, H, W]` in `[-1, 1]` → scaled latents, with the posterior sampled by
-    /// `noise` (diffusers' `retrieve_latents(..., sample_mode="sample")` times the scaling factor).
+    /// Images `[B, 3, H, W]` in `[-1, 1]` → scaled latents in the model's dtype, with the
+    /// posterior sampled by `noise` (diffusers' `retrieve_latents(..., sample_mode="sample")`
+    /// times the scaling factor), computed in the VAE's dtype.
     pub fn encode(&self, images: &Tensor, noise: &Tensor) -> candle_core::Result<Tensor> {
-        let z = self.vae.encode(images)?.sample(noise)?;
+        let vae = |t: &Tensor| t.to_dtype(self.vae_dtype);
+        let z = self.vae.encode(&vae(images)?)?.sample(&vae(noise)?)?;
         let z = match self.vae.config().shift_factor {
             Some(s) => (z - s)?,
             None => z,
         };
-        z * self.vae.config().scaling_factor
+        (z * self.vae.config().scaling_factor)?.to_dtype(self.dtype)
     }
 
     /// Runs an edit; `on_step(done, total)` as in [`StableDiffusion::generate`], over the

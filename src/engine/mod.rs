@@ -6,4 +6,5 @@ pub mod edit;
 pub mod image;
 pub mod noise;
 pub mod pipeline;
+mod prompt;
 pub mod scheduler;

@@ -33,8 +33,10 @@ pub enum LoraFormat {
     Diffusers,
     /// `unet.<path>.lora_A.weight` (or `base_model.model.<path>.lora_A.weight`).
     Peft,
-    /// `lora_unet_<path_with_underscores>.lora_down.weight`, `lora_te_…`; also LyCORIS's
-    /// `hada_*` / `lokr_*` / `lora_mid` / `dora_scale` keys.
+    /// `lora_unet_<path_with_underscores>.lora_down.weight`, `lora_te_…` (`lora_te1_…`,
+    /// `lora_te2_…` for SDXL's two text encoders; SDXL UNet paths also in the original
+    /// `input_blocks_…` naming sd-scripts writes); also LyCORIS's `hada_*` / `lokr_*` /
+    /// `lora_mid` / `dora_scale` keys.
     Kohya,
 }
 
@@ -98,6 +100,8 @@ struct ParsedKey<'k> {
 enum KeyError {
     Unknown,
     NotInModel,
+    /// A key of SDXL's second text encoder for a model without one.
+    NoTextEncoder2,
 }
 
 /// Offending keys grouped by problem, reported together in one error.
@@ -166,6 +170,10 @@ impl LoraAdapter {
                 }
                 Err(KeyError::NotInModel) => {
                     problems.add("modules not in the base model", name);
+                    continue;
+                }
+                Err(KeyError::NoTextEncoder2) => {
+                    problems.add("keys for text_encoder_2, which this model does not have (an SDXL adapter on an SD 1.x/2.x model?)", name);
                     continue;
                 }
             };
@@ -296,11 +304,7 @@ impl LoraAdapter {
     /// copied, and the base weights are never touched.
     pub fn add_to(&self, weight: f64, lora: &mut PipelineLora) {
         for m in &self.modules {
-            let set = match m.component {
-                Component::Unet => &mut lora.unet,
-                Component::TextEncoder => &mut lora.text_encoder,
-            };
-            set.push(
+            lora.component_mut(m.component).push(
                 m.path.clone(),
                 LoraDelta {
                     update: m.update.clone(),
@@ -314,23 +318,32 @@ impl LoraAdapter {
 
 /// Understands one tensor key of any supported format.
 fn parse_key<'k>(key: &'k str, targets: &'k LoraTargets) -> Result<ParsedKey<'k>, KeyError> {
-    const KOHYA: [(&str, Component); 2] = [
+    const KOHYA: [(&str, Component); 4] = [
         ("lora_unet_", Component::Unet),
         ("lora_te_", Component::TextEncoder),
+        ("lora_te1_", Component::TextEncoder),
+        ("lora_te2_", Component::TextEncoder2),
     ];
-    const DOTTED: [(&str, Component); 3] = [
+    const DOTTED: [(&str, Component); 4] = [
         ("unet.", Component::Unet),
         ("text_encoder.", Component::TextEncoder),
+        ("text_encoder_2.", Component::TextEncoder2),
         ("base_model.model.", Component::Unet),
     ];
+    let present = |component| match component {
+        Component::TextEncoder2 if !targets.has(component) => Err(KeyError::NoTextEncoder2),
+        _ => Ok(()),
+    };
     for (prefix, component) in KOHYA {
         let Some(rest) = key.strip_prefix(prefix) else {
             continue;
         };
+        present(component)?;
         let (name, suffix) = rest.split_once('.').ok_or(KeyError::Unknown)?;
         let role = Role::kohya(suffix).ok_or(KeyError::Unknown)?;
         let path = targets
             .from_underscored(component, name)
+            .or_else(|| sgm_path(targets, component, name))
             .ok_or(KeyError::NotInModel)?;
         let base = targets.shape(component, path).ok_or(KeyError::NotInModel)?;
         return Ok(ParsedKey {
@@ -345,11 +358,12 @@ fn parse_key<'k>(key: &'k str, targets: &'k LoraTargets) -> Result<ParsedKey<'k>
         let Some(rest) = key.strip_prefix(prefix) else {
             continue;
         };
+        present(component)?;
         for (suffix, format, role) in DOTTED_SUFFIXES {
             let Some(path) = rest.strip_suffix(suffix) else {
                 continue;
             };
-            let base = targets.shape(component, path).ok_or(KeyError::NotInModel)?;
+            let (path, base) = targets.resolve(component, path).ok_or(KeyError::NotInModel)?;
             return Ok(ParsedKey {
                 format,
                 component,
@@ -360,6 +374,12 @@ fn parse_key<'k>(key: &'k str, targets: &'k LoraTargets) -> Result<ParsedKey<'k>
         }
     }
     Err(KeyError::Unknown)
+}
+
+/// The module path of kohya's sgm-named SDXL UNet module (`input_blocks_4_1_…`).
+fn sgm_path<'t>(targets: &'t LoraTargets, component: Component, name: &str) -> Option<&'t str> {
+    let diffusers = super::sgm::to_diffusers(name, targets.unet_layers_per_block())?;
+    (component == Component::Unet).then(|| targets.from_underscored(component, &diffusers)).flatten()
 }
 
 /// The peft `LoraConfig` diffusers stores in the file's metadata, either flat (`lora_alpha`)

@@ -9,6 +9,7 @@ mod lycoris;
 mod module;
 mod save;
 mod set;
+mod sgm;
 mod targets;
 mod trainable;
 mod update;

@@ -6,6 +6,7 @@ use candle_core::Tensor;
 
 use super::dora::Dora;
 use super::update::Update;
+use super::Component;
 
 /// One adapter's update of a module's weight: `scale · ΔW`, renormalised by DoRA when the
 /// module is weight-decomposed. `scale` folds together the request weight and `alpha / rank`.
@@ -59,6 +60,27 @@ impl LoraSet {
 pub struct PipelineLora {
     pub unet: LoraSet,
     pub text_encoder: LoraSet,
+    /// SDXL's second text encoder.
+    pub text_encoder_2: LoraSet,
+}
+
+impl PipelineLora {
+    /// The set of one component.
+    pub fn component(&self, component: Component) -> &LoraSet {
+        match component {
+            Component::Unet => &self.unet,
+            Component::TextEncoder => &self.text_encoder,
+            Component::TextEncoder2 => &self.text_encoder_2,
+        }
+    }
+
+    pub fn component_mut(&mut self, component: Component) -> &mut LoraSet {
+        match component {
+            Component::Unet => &mut self.unet,
+            Component::TextEncoder => &mut self.text_encoder,
+            Component::TextEncoder2 => &mut self.text_encoder_2,
+        }
+    }
 }
 
 impl LoraSet {

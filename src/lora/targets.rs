@@ -13,9 +13,11 @@ use serde::{Deserialize, Serialize};
 /// Largest safetensors header read (the format's own limit).
 const MAX_HEADER: u64 = 100_000_000;
 
-/// The text encoder's module paths start with this, whether or not its weight file does
+/// The text encoders' module paths start with this, whether or not their weight files do
 /// (transformers ≥ 5 saves `CLIPTextModel` without it), as in `model::clip`.
 const TEXT_MODEL_PREFIX: &str = "text_model.";
+/// The projection of `CLIPTextModelWithProjection`, which sits outside `text_model`.
+const TEXT_PROJECTION: &str = "text_projection";
 
 /// A model component that adapters can modify.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -23,14 +25,18 @@ const TEXT_MODEL_PREFIX: &str = "text_model.";
 pub enum Component {
     Unet,
     TextEncoder,
+    /// SDXL's second text encoder.
+    #[serde(rename = "text_encoder_2")]
+    TextEncoder2,
 }
 
 impl Component {
-    /// The diffusers name, also the adapter key prefix (`unet`, `text_encoder`).
+    /// The diffusers name, also the adapter key prefix (`unet`, `text_encoder`, `text_encoder_2`).
     pub fn as_str(self) -> &'static str {
         match self {
             Component::Unet => "unet",
             Component::TextEncoder => "text_encoder",
+            Component::TextEncoder2 => "text_encoder_2",
         }
     }
 }
@@ -48,24 +54,23 @@ struct ComponentTargets {
     shapes: BTreeMap<String, Vec<usize>>,
     /// Kohya's underscored module name → module path.
     underscored: HashMap<String, String>,
+    /// The prefix every module path of the tower starts with (`text_model.`), which adapter
+    /// keys may leave out; empty for the UNet.
+    prefix: &'static str,
 }
 
 impl ComponentTargets {
     /// Builds the targets from tensor names and shapes: every 2-D or 4-D `<path>.weight`
-    /// except embedding tables. `prefix` is prepended to every path when no name has it.
+    /// except embedding tables. `prefix` is prepended to the paths of a file that stores
+    /// them without it (except `text_projection`, outside the tower).
     fn new<S: AsRef<str>>(
         tensors: impl IntoIterator<Item = (S, Vec<usize>)>,
-        prefix: &str,
+        prefix: &'static str,
     ) -> Self {
         let tensors: Vec<_> = tensors.into_iter().collect();
-        let prefix = if tensors
+        let has_prefix = tensors
             .iter()
-            .any(|(name, _)| name.as_ref().starts_with(prefix))
-        {
-            ""
-        } else {
-            prefix
-        };
+            .any(|(name, _)| name.as_ref().starts_with(prefix));
         let mut shapes = BTreeMap::new();
         for (name, shape) in tensors {
             let Some(path) = name.as_ref().strip_suffix(".weight") else {
@@ -75,7 +80,8 @@ impl ComponentTargets {
             if !matches!(shape.len(), 2 | 4) || last.ends_with("embedding") {
                 continue;
             }
-            shapes.insert(format!("{prefix}{path}"), shape);
+            let add = if has_prefix || path == TEXT_PROJECTION { "" } else { prefix };
+            shapes.insert(format!("{add}{path}"), shape);
         }
         let underscored = shapes
             .keys()
@@ -84,7 +90,30 @@ impl ComponentTargets {
         Self {
             shapes,
             underscored,
+            prefix,
         }
+    }
+
+    /// The module path and shape for `path`, with or without the tower prefix.
+    fn resolve(&self, path: &str) -> Option<(&str, &[usize])> {
+        let found = self.shapes.get_key_value(path).or_else(|| {
+            let prefixed = format!("{}{path}", self.prefix);
+            (!self.prefix.is_empty())
+                .then(|| self.shapes.get_key_value(&prefixed))
+                .flatten()
+        });
+        found.map(|(p, s)| (p.as_str(), s.as_slice()))
+    }
+
+    /// The module path for an underscored name, with or without the tower prefix.
+    fn underscored_path(&self, name: &str) -> Option<&str> {
+        let found = self.underscored.get(name).or_else(|| {
+            let prefixed = format!("{}{name}", self.prefix.replace('.', "_"));
+            (!self.prefix.is_empty())
+                .then(|| self.underscored.get(&prefixed))
+                .flatten()
+        });
+        found.map(String::as_str)
     }
 }
 
@@ -97,6 +126,7 @@ impl ComponentTargets {
 pub struct LoraTargets {
     unet: ComponentTargets,
     text_encoder: ComponentTargets,
+    text_encoder_2: ComponentTargets,
 }
 
 impl LoraTargets {
@@ -109,6 +139,12 @@ impl LoraTargets {
         ))
     }
 
+    /// Adds SDXL's second text encoder from its weight file's header.
+    pub fn with_text_encoder_2(mut self, text_encoder_2: &Path) -> Result<Self> {
+        self.text_encoder_2 = ComponentTargets::new(read_shapes(text_encoder_2)?, TEXT_MODEL_PREFIX);
+        Ok(self)
+    }
+
     /// Builds the targets from `(tensor name, shape)` lists, as they appear in the weight files.
     pub fn from_tensors<U, T, S>(unet: U, text_encoder: T) -> Self
     where
@@ -119,6 +155,7 @@ impl LoraTargets {
         Self {
             unet: ComponentTargets::new(unet, ""),
             text_encoder: ComponentTargets::new(text_encoder, TEXT_MODEL_PREFIX),
+            text_encoder_2: ComponentTargets::default(),
         }
     }
 
@@ -126,7 +163,13 @@ impl LoraTargets {
         match component {
             Component::Unet => &self.unet,
             Component::TextEncoder => &self.text_encoder,
+            Component::TextEncoder2 => &self.text_encoder_2,
         }
+    }
+
+    /// Whether the model has the component (SD 1.x / 2.x have no `text_encoder_2`).
+    pub fn has(&self, component: Component) -> bool {
+        !self.component(component).shapes.is_empty()
     }
 
     /// The base weight shape of the module at `path`, if the model has one.
@@ -137,12 +180,23 @@ impl LoraTargets {
             .map(Vec::as_slice)
     }
 
-    /// The module path for kohya's underscored name (`down_blocks_0_attentions_0_proj_in`).
+    /// The module path and base weight shape an adapter key's `path` names. Text encoder
+    /// paths may leave out `text_model.` (the key form transformers ≥ 5 writes).
+    pub fn resolve(&self, component: Component, path: &str) -> Option<(&str, &[usize])> {
+        self.component(component).resolve(path)
+    }
+
+    /// The module path for kohya's underscored name (`down_blocks_0_attentions_0_proj_in`;
+    /// text encoders' with or without `text_model_`).
     pub fn from_underscored(&self, component: Component, name: &str) -> Option<&str> {
-        self.component(component)
-            .underscored
-            .get(name)
-            .map(String::as_str)
+        self.component(component).underscored_path(name)
+    }
+
+    /// Resnets per UNet down block (diffusers' `layers_per_block`), counted in down block 0.
+    pub fn unet_layers_per_block(&self) -> usize {
+        let prefix = "down_blocks.0.resnets.";
+        let resnets = self.unet.shapes.range(prefix.to_string()..).take_while(|(p, _)| p.starts_with(prefix));
+        resnets.filter(|(p, _)| p.ends_with(".conv1")).count()
     }
 
     /// All modules of `component` with their base weight shapes, sorted by path.
@@ -254,5 +308,30 @@ mod tests {
             te,
             ["text_model.encoder.layers.0.mlp.fc1", "text_projection"]
         );
+    }
+
+    #[test]
+    fn paths_without_the_tower_prefix_resolve() {
+        // transformers ≥ 5 layout: no `text_model.` in the file; `text_projection` outside it.
+        let targets = LoraTargets::from_tensors(
+            [("conv_in.weight", vec![32, 4, 3, 3])],
+            [
+                ("encoder.layers.0.self_attn.q_proj.weight", vec![32, 32]),
+                ("text_projection.weight", vec![16, 32]),
+            ],
+        );
+        let te: Vec<_> = targets.modules(Component::TextEncoder).map(|(p, _)| p).collect();
+        assert_eq!(te, ["text_model.encoder.layers.0.self_attn.q_proj", "text_projection"]);
+        let q = Some(("text_model.encoder.layers.0.self_attn.q_proj", &[32, 32][..]));
+        assert_eq!(targets.resolve(Component::TextEncoder, "encoder.layers.0.self_attn.q_proj"), q);
+        assert_eq!(targets.resolve(Component::TextEncoder, "text_model.encoder.layers.0.self_attn.q_proj"), q);
+        assert_eq!(targets.resolve(Component::TextEncoder, "text_projection"), Some(("text_projection", &[16, 32][..])));
+        assert_eq!(
+            targets.from_underscored(Component::TextEncoder, "encoder_layers_0_self_attn_q_proj"),
+            Some("text_model.encoder.layers.0.self_attn.q_proj")
+        );
+        // The UNet has no prefix to leave out; a model without a second text encoder has no targets there.
+        assert_eq!(targets.resolve(Component::Unet, "in"), None);
+        assert!(targets.has(Component::TextEncoder) && !targets.has(Component::TextEncoder2));
     }
 }

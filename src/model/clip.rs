@@ -134,11 +134,17 @@ impl Encoder {
     }
 
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>, lora: &LoraSet) -> Result<Tensor> {
-        let mut x = x.clone();
+        Ok(self.forward_last_two(x, mask, lora)?.1)
+    }
+
+    /// The input and output of the last layer (transformers' `hidden_states[-2]` and `[-1]`).
+    fn forward_last_two(&self, x: &Tensor, mask: Option<&Tensor>, lora: &LoraSet) -> Result<(Tensor, Tensor)> {
+        let (mut prev, mut x) = (x.clone(), x.clone());
         for layer in &self.layers {
-            x = layer.forward(&x, mask, lora)?;
+            prev = x;
+            x = layer.forward(&prev, mask, lora)?;
         }
-        Ok(x)
+        Ok((prev, x))
     }
 }
 
@@ -150,6 +156,7 @@ pub struct ClipTextModel {
     encoder: Encoder,
     final_layer_norm: LayerNorm,
     text_projection: Option<Linear>,
+    projection_dim: usize,
     eos_token_id: u32,
 }
 
@@ -157,12 +164,12 @@ impl ClipTextModel {
     /// `vb` is the root of the weight file (`text_model.*`, optionally `text_projection`).
     /// LoRA deltas are looked up as `text_model.encoder.layers.{i}.self_attn.q_proj` etc.
     pub fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+        let projection_dim = cfg.projection_dim.unwrap_or(DEFAULT_PROJECTION_DIM);
         let text_projection = if vb.contains_tensor("text_projection.weight") {
-            let dim = cfg.projection_dim.unwrap_or(DEFAULT_PROJECTION_DIM);
             Some(Linear::new(
                 vb.pp("text_projection"),
                 cfg.hidden_size,
-                dim,
+                projection_dim,
                 false,
             )?)
         } else {
@@ -192,12 +199,19 @@ impl ClipTextModel {
                 cfg.layer_norm_eps,
             )?,
             text_projection,
+            projection_dim,
             eos_token_id: cfg.eos_token_id,
         })
     }
 
     /// `last_hidden_state` (after `final_layer_norm`) for `[batch, seq]` u32 or i64 token ids.
     pub fn forward(&self, input_ids: &Tensor, lora: &LoraSet) -> Result<Tensor> {
+        Ok(self.forward_penultimate(input_ids, lora)?.1)
+    }
+
+    /// The penultimate hidden state (`hidden_states[-2]`, no final norm), which SDXL
+    /// conditions on, and `last_hidden_state`.
+    pub fn forward_penultimate(&self, input_ids: &Tensor, lora: &LoraSet) -> Result<(Tensor, Tensor)> {
         let (b, s) = input_ids
             .dims2()
             .context("CLIP input_ids must be [batch, seq]")?;
@@ -215,8 +229,8 @@ impl ClipTextModel {
             .reshape((b, s, ()))?;
         let x = tokens.broadcast_add(&self.position_embedding.narrow(0, 0, s)?)?;
         let mask = causal_mask(s, x.dtype(), x.device())?;
-        let x = self.encoder.forward(&x, Some(&mask), lora)?;
-        Ok(self.final_layer_norm.forward(&x)?)
+        let (penultimate, last) = self.encoder.forward_last_two(&x, Some(&mask), lora)?;
+        Ok((penultimate, self.final_layer_norm.forward(&last)?))
     }
 
     /// `pooler_output`: the hidden state at each sequence's first `eos_token_id` (transformers
@@ -243,12 +257,26 @@ impl ClipTextModel {
 
     /// `text_embeds`: the projected pooled output (`CLIPTextModelWithProjection`).
     pub fn text_embeds(&self, input_ids: &Tensor, lora: &LoraSet) -> Result<Tensor> {
+        self.project_pooled(&self.forward(input_ids, lora)?, input_ids, lora)
+    }
+
+    /// `text_embeds` from an already computed `last_hidden_state`.
+    pub fn project_pooled(&self, hidden: &Tensor, input_ids: &Tensor, lora: &LoraSet) -> Result<Tensor> {
         let proj = self
             .text_projection
             .as_ref()
             .context("the CLIP weights have no text_projection")?;
-        let pooled = self.pooled(&self.forward(input_ids, lora)?, input_ids)?;
-        Ok(proj.forward(&pooled, lora)?)
+        Ok(proj.forward(&self.pooled(hidden, input_ids)?, lora)?)
+    }
+
+    /// Width of `text_embeds`, when the weights have `text_projection`.
+    pub fn projection_dim(&self) -> Option<usize> {
+        self.text_projection.is_some().then_some(self.projection_dim)
+    }
+
+    /// Width of the hidden states.
+    pub fn hidden_size(&self) -> usize {
+        self.token_embedding.dims()[1]
     }
 }
 

@@ -104,6 +104,14 @@ pub struct UNetConfig {
     pub class_embed_type: Option<String>,
     #[serde(default)]
     pub addition_embed_type: Option<String>,
+    /// Width of the sinusoidal features of each SDXL time id (`addition_embed_type: "text_time"`).
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    /// Input width of `add_embedding`: the pooled text embedding plus six time-id features.
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
+    #[serde(default)]
+    pub reverse_transformer_layers_per_block: Option<serde_json::Value>,
     #[serde(default)]
     pub upcast_attention: bool,
     #[serde(default = "default_shift")]
@@ -178,9 +186,16 @@ impl UNetConfig {
             Some("UNetMidBlock2DCrossAttn") | None => {}
             Some(t) => bail!("unet config: unsupported mid block type {t:?}"),
         }
+        match (self.addition_embed_type.as_deref(), self.addition_time_embed_dim, self.projection_class_embeddings_input_dim) {
+            (None, _, _) | (Some("text_time"), Some(_), Some(_)) => {}
+            (Some("text_time"), _, _) => bail!(
+                "unet config: addition_embed_type \"text_time\" needs addition_time_embed_dim and projection_class_embeddings_input_dim"
+            ),
+            (Some(t), _, _) => bail!("unet config: unsupported addition_embed_type {t:?}"),
+        }
         let unsupported = [
             ("class_embed_type", self.class_embed_type.is_some()),
-            ("addition_embed_type", self.addition_embed_type.is_some()),
+            ("reverse_transformer_layers_per_block", self.reverse_transformer_layers_per_block.as_ref().is_some_and(|v| !v.is_null())),
             ("dual_cross_attention", self.dual_cross_attention),
             ("time_cond_proj_dim", self.time_cond_proj_dim.is_some()),
             ("encoder_hid_dim", self.encoder_hid_dim.is_some()),
@@ -257,8 +272,15 @@ pub struct VaeConfig {
     pub up_block_types: Vec<String>,
     #[serde(default = "default_act")]
     pub act_fn: String,
+    /// SDXL pipelines decode an f16 model's latents with the VAE in f32.
     #[serde(default = "default_true")]
     pub force_upcast: bool,
+    /// Per-channel latent statistics some SDXL-family VAEs give (StableDiffusionXLPipeline
+    /// uses them; SD 1.x/2.x pipelines ignore them).
+    #[serde(default)]
+    pub latents_mean: Option<Vec<f64>>,
+    #[serde(default)]
+    pub latents_std: Option<Vec<f64>>,
 }
 
 fn default_vae_sample() -> usize {
@@ -283,6 +305,17 @@ impl VaeConfig {
     pub fn downscale(&self) -> usize {
         1 << (self.block_out_channels.len() - 1)
     }
+}
+
+/// `model_index.json`: the pipeline class and the pipeline's own settings.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct ModelIndex {
+    #[serde(rename = "_class_name", default)]
+    pub class_name: String,
+    /// `StableDiffusionXLPipeline`: without a negative prompt the unconditional embeddings are
+    /// zeros instead of the encoded empty prompt.
+    #[serde(default = "default_true")]
+    pub force_zeros_for_empty_prompt: bool,
 }
 
 /// `text_encoder/config.json` of a transformers `CLIPTextModel` (or the `text_config` /
@@ -355,10 +388,12 @@ pub struct SchedulerConfig {
     pub prediction_type: String,
     #[serde(default)]
     pub steps_offset: usize,
-    #[serde(default = "default_true")]
-    pub set_alpha_to_one: bool,
+    /// DDIM's; see [`SchedulerConfig::set_alpha_to_one`].
     #[serde(default)]
-    pub clip_sample: bool,
+    pub set_alpha_to_one: Option<bool>,
+    /// DDIM's; see [`SchedulerConfig::clip_sample`].
+    #[serde(default)]
+    pub clip_sample: Option<bool>,
     #[serde(default = "default_one_f64")]
     pub clip_sample_range: f64,
     #[serde(default = "default_spacing")]
@@ -367,6 +402,42 @@ pub struct SchedulerConfig {
     pub rescale_betas_zero_snr: bool,
     #[serde(default)]
     pub thresholding: bool,
+    /// `EulerDiscreteScheduler`'s sigma settings.
+    #[serde(default)]
+    pub use_karras_sigmas: bool,
+    #[serde(default)]
+    pub use_exponential_sigmas: bool,
+    #[serde(default)]
+    pub use_beta_sigmas: bool,
+    #[serde(default)]
+    pub sigma_min: Option<f64>,
+    #[serde(default)]
+    pub sigma_max: Option<f64>,
+    #[serde(default = "default_interpolation")]
+    pub interpolation_type: String,
+    #[serde(default = "default_final_sigmas")]
+    pub final_sigmas_type: String,
+    #[serde(default = "default_timestep_type")]
+    pub timestep_type: String,
+}
+
+impl SchedulerConfig {
+    /// Whether the config was written by `DDIMScheduler` (or names no class).
+    fn is_ddim(&self) -> bool {
+        matches!(self.class_name.as_str(), "" | "DDIMScheduler")
+    }
+
+    /// DDIM's `set_alpha_to_one`: as written; else diffusers' DDIM default (true) for a DDIM
+    /// config, and for a config saved by another scheduler class (SDXL's Euler, which does
+    /// not record DDIM fields) the Stable Diffusion releases' value, false.
+    pub fn set_alpha_to_one(&self) -> bool {
+        self.set_alpha_to_one.unwrap_or(self.is_ddim())
+    }
+
+    /// DDIM's `clip_sample`, defaulted like [`Self::set_alpha_to_one`].
+    pub fn clip_sample(&self) -> bool {
+        self.clip_sample.unwrap_or(self.is_ddim())
+    }
 }
 
 fn default_train_steps() -> usize {
@@ -383,6 +454,15 @@ fn default_beta_schedule() -> String {
 }
 fn default_prediction() -> String {
     "epsilon".into()
+}
+fn default_interpolation() -> String {
+    "linear".into()
+}
+fn default_final_sigmas() -> String {
+    "zero".into()
+}
+fn default_timestep_type() -> String {
+    "discrete".into()
 }
 fn default_spacing() -> String {
     "leading".into()

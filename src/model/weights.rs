@@ -20,6 +20,17 @@ pub fn find_weights(dir: &Path, stem: &str) -> Result<PathBuf> {
     bail!("no weights in {}: expected {stem}.safetensors", dir.display())
 }
 
+/// Loads a safetensors file with every tensor rounded to `via` and held in `dtype`: an f16
+/// model's VAE that diffusers upcasts to f32 (`force_upcast`) computes with f16-rounded weights.
+pub fn open_rounded(path: &Path, via: DType, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+    let tensors = candle_core::safetensors::load(path, device)
+        .with_context(|| format!("corrupt safetensors file {}", path.display()))?
+        .into_iter()
+        .map(|(name, t)| Ok((name, t.to_dtype(via)?.to_dtype(dtype)?)))
+        .collect::<candle_core::Result<_>>()?;
+    Ok(VarBuilder::from_tensors(tensors, dtype, device))
+}
+
 /// Opens a safetensors file as a `VarBuilder` that converts every tensor to `dtype` on access.
 ///
 /// The header is parsed up front so a truncated or corrupt file is reported by name.

@@ -19,7 +19,7 @@ use crate::lora::LoraSet;
 use crate::model::clip::ClipTextModel;
 use crate::model::config::{read_json, ClipTextConfig, SchedulerConfig, UNetConfig, VaeConfig};
 use crate::model::tokenizer::ClipTokenizer;
-use crate::model::unet::UNet2DConditionModel;
+use crate::model::unet::{Conditioning, UNet2DConditionModel};
 use crate::model::vae::AutoencoderKL;
 use crate::model::weights::open;
 
@@ -84,7 +84,7 @@ pub fn train(dir: &Path, opts: &DiffusionStage, device: &Device, bar: &ProgressB
             ids.extend(tokenizer.encode(text)?);
         }
         let ids = Tensor::from_vec(ids, (opts.batch, tokenizer.max_length()), device)?;
-        let context = text.forward(&ids, LoraSet::none())?;
+        let cond = Conditioning::text(text.forward(&ids, LoraSet::none())?);
 
         let ts: Vec<usize> = (0..opts.batch).map(|_| rng.random_range(0..ac.len())).collect();
         let coef = |f: &dyn Fn(f64) -> f64| -> Result<Tensor> {
@@ -94,7 +94,7 @@ pub fn train(dir: &Path, opts: &DiffusionStage, device: &Device, bar: &ProgressB
         let eps = noise.randn(latents.shape(), DType::F32, device)?;
         let noisy = (latents.broadcast_mul(&coef(&|a| a.sqrt())?)? + eps.broadcast_mul(&coef(&|a| (1.0 - a).sqrt())?)?)?;
         let t_f: Vec<f64> = ts.iter().map(|&t| t as f64).collect();
-        let pred = unet.forward_timesteps(&noisy, &t_f, &context, LoraSet::none())?;
+        let pred = unet.forward_timesteps(&noisy, &t_f, &cond, LoraSet::none())?;
         let loss = (pred - eps)?.sqr()?.mean_all()?;
         let lr = opts.lr_at(run.step());
         opt.set_lr(lr);

@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::engine::image::OutputFormat;
+pub use crate::engine::pipeline::ModelFamily;
 use crate::engine::scheduler::SchedulerKind;
 
 // ---------------------------------------------------------------------------------------------
@@ -65,7 +66,8 @@ pub struct ImageGenerationRequest {
     /// server-sent events for progress).
     #[serde(default)]
     pub stream: Option<bool>,
-    /// Extension: what the image should not show.
+    /// Extension: what the image should not show. Left out, guidance uses the empty prompt, or
+    /// zero embeddings on SDXL models (diffusers' `force_zeros_for_empty_prompt`).
     #[serde(default)]
     pub negative_prompt: Option<String>,
     /// Extension: denoising steps, 1..=`--max-steps` (default `--default-steps`).
@@ -171,11 +173,12 @@ impl From<ImageFormat> for OutputFormat {
     }
 }
 
-/// Sampler.
+/// Sampler: DDIM, Euler (SDXL's default), Euler ancestral, DPM++ 2M (with Karras sigmas).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SchedulerName {
     Ddim,
+    Euler,
     EulerA,
     #[serde(rename = "dpmpp_2m")]
     Dpmpp2m,
@@ -187,6 +190,7 @@ impl SchedulerName {
     pub fn as_str(self) -> &'static str {
         match self {
             SchedulerName::Ddim => "ddim",
+            SchedulerName::Euler => "euler",
             SchedulerName::EulerA => "euler_a",
             SchedulerName::Dpmpp2m => "dpmpp_2m",
             SchedulerName::Dpmpp2mKarras => "dpmpp_2m_karras",
@@ -194,7 +198,7 @@ impl SchedulerName {
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        [Self::Ddim, Self::EulerA, Self::Dpmpp2m, Self::Dpmpp2mKarras]
+        [Self::Ddim, Self::Euler, Self::EulerA, Self::Dpmpp2m, Self::Dpmpp2mKarras]
             .into_iter()
             .find(|k| k.as_str() == s)
     }
@@ -219,7 +223,8 @@ pub struct GenerationParameters {
     /// Model id.
     pub model: String,
     pub prompt: String,
-    pub negative_prompt: String,
+    /// `null` when the request gave none.
+    pub negative_prompt: Option<String>,
     pub n: u32,
     /// `WxH`.
     pub size: String,
@@ -570,6 +575,8 @@ pub struct ModelInfo {
     pub owned_by: String,
     /// Loaded and accepting requests.
     pub ready: bool,
+    /// `sd1`, `sd2` or `sdxl`, once loaded (`null` while loading or after a failed load).
+    pub family: Option<ModelFamily>,
 }
 
 /// `GET /health`.

@@ -125,7 +125,7 @@ pub struct Defaults {
     /// Default classifier-free guidance scale.
     #[arg(long, env = "SDSERVE_DEFAULT_GUIDANCE_SCALE", default_value_t = 7.5)]
     pub default_guidance_scale: f64,
-    /// Default scheduler: ddim, euler_a, dpmpp_2m or dpmpp_2m_karras.
+    /// Default scheduler: ddim, euler, euler_a, dpmpp_2m or dpmpp_2m_karras.
     #[arg(long, env = "SDSERVE_DEFAULT_SCHEDULER", default_value = "ddim")]
     pub default_scheduler: String,
 }

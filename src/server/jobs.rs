@@ -32,7 +32,7 @@ pub fn unix_now() -> u64 {
 #[derive(Clone)]
 pub struct JobSpec {
     pub prompt: String,
-    pub negative_prompt: String,
+    pub negative_prompt: Option<String>,
     pub steps: usize,
     pub guidance_scale: f64,
     pub width: usize,

@@ -76,6 +76,7 @@ the job API runs the same requests asynchronously with progress and cancellation
         api::AdapterReload,
         api::ModelList,
         api::ModelInfo,
+        api::ModelFamily,
         api::Health,
         api::Readiness,
         api::ReadyStatus,

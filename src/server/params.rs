@@ -141,11 +141,12 @@ pub fn validate(
         ));
     }
     let max_tokens = max_prompt_tokens(config, model);
-    let negative_prompt = req.negative_prompt.clone().unwrap_or_default();
+    let negative_prompt = req.negative_prompt.clone();
     for (field, text) in [
-        ("prompt", &req.prompt),
-        ("negative_prompt", &negative_prompt),
+        ("prompt", Some(&req.prompt)),
+        ("negative_prompt", negative_prompt.as_ref()),
     ] {
+        let Some(text) = text else { continue };
         let tokens = model.tokenizer.count_tokens(text);
         if tokens > max_tokens {
             return Err(ApiError::invalid(

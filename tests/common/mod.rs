@@ -13,6 +13,11 @@ pub fn fixture_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd1")
 }
 
+/// The tiny diffusers-made SDXL pipeline copied from the shared fixtures.
+pub fn sdxl_fixture_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sdxl")
+}
+
 /// A fresh, empty folder under the system temp dir, removed on drop.
 pub struct TempDir(pub PathBuf);
 
@@ -32,9 +37,30 @@ impl Drop for TempDir {
     }
 }
 
+/// Copies a model folder's files (not `reference/` or `loras/`) to `to`.
+pub fn copy_model(from: &std::path::Path, to: &std::path::Path) {
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name();
+        if entry.file_type().unwrap().is_dir() {
+            if name != "reference" && name != "loras" {
+                copy_model(&entry.path(), &to.join(&name));
+            }
+        } else {
+            std::fs::create_dir_all(to).unwrap();
+            std::fs::copy(entry.path(), to.join(&name)).unwrap();
+        }
+    }
+}
+
 /// The reference tensors of `reference/components.safetensors`.
 pub fn components() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture_dir().join("reference/components.safetensors"), &Device::Cpu)
+    components_of(&fixture_dir())
+}
+
+/// The reference tensors of a fixture folder's `reference/components.safetensors`.
+pub fn components_of(dir: &std::path::Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(dir.join("reference/components.safetensors"), &Device::Cpu)
         .expect("reference components")
 }
 
@@ -75,7 +101,7 @@ pub fn run_case(
     }
     let params = GenerateParams {
         prompt: case["prompt"].as_str().unwrap().into(),
-        negative_prompt: case["negative_prompt"].as_str().unwrap().into(),
+        negative_prompt: case["negative_prompt"].as_str().map(String::from),
         steps: case["steps"].as_u64().unwrap() as usize,
         guidance_scale: case["guidance_scale"].as_f64().unwrap(),
         seed: 0,

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 pub const FIXTURE_ADAPTERS: [&str; 3] = ["probe_diffusers", "probe_kohya", "other_diffusers"];
 
 #[path = "../common/mod.rs"]
-mod common;
+pub mod common;
 pub use common::fixture_dir;
 
 pub fn fixture_lora(name: &str) -> PathBuf {

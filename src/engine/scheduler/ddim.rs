@@ -54,13 +54,13 @@ impl Ddim {
             timesteps.iter_mut().for_each(|t| *t = t.round_ties_even());
         }
         Ok(Self {
-            final_alpha_cumprod: if cfg.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] },
+            final_alpha_cumprod: if cfg.set_alpha_to_one() { 1.0 } else { alphas_cumprod[0] },
             step_ratio: cfg.num_train_timesteps / steps,
             timesteps,
             alphas_cumprod,
             eta,
             prediction: Prediction::from_config(cfg)?,
-            clip_sample: cfg.clip_sample.then_some(cfg.clip_sample_range),
+            clip_sample: cfg.clip_sample().then_some(cfg.clip_sample_range),
         })
     }
 

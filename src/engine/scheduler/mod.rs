@@ -1,8 +1,9 @@
-//! Diffusion schedulers with diffusers' formulas: DDIM, Euler ancestral and DPM-Solver++(2M).
+//! Diffusion schedulers with diffusers' formulas: DDIM, Euler, Euler ancestral and
+//! DPM-Solver++(2M).
 
 mod ddim;
 mod dpm_solver;
-mod euler_ancestral;
+mod euler;
 pub mod schedule;
 
 use std::str::FromStr;
@@ -13,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 pub use ddim::{Ddim, Prediction};
 pub use dpm_solver::DpmSolverMultistep;
-pub use euler_ancestral::EulerAncestral;
+pub use euler::Euler;
 
 use crate::engine::noise::NoiseRng;
 use crate::model::config::SchedulerConfig;
@@ -39,6 +40,7 @@ pub trait Scheduler: Send {
 pub enum SchedulerKind {
     #[default]
     Ddim,
+    Euler,
     EulerA,
     #[serde(rename = "dpmpp_2m")]
     DpmPp2m,
@@ -47,12 +49,18 @@ pub enum SchedulerKind {
 }
 
 impl SchedulerKind {
-    pub const ALL: [SchedulerKind; 4] =
-        [SchedulerKind::Ddim, SchedulerKind::EulerA, SchedulerKind::DpmPp2m, SchedulerKind::DpmPp2mKarras];
+    pub const ALL: [SchedulerKind; 5] = [
+        SchedulerKind::Ddim,
+        SchedulerKind::Euler,
+        SchedulerKind::EulerA,
+        SchedulerKind::DpmPp2m,
+        SchedulerKind::DpmPp2mKarras,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             SchedulerKind::Ddim => "ddim",
+            SchedulerKind::Euler => "euler",
             SchedulerKind::EulerA => "euler_a",
             SchedulerKind::DpmPp2m => "dpmpp_2m",
             SchedulerKind::DpmPp2mKarras => "dpmpp_2m_karras",
@@ -64,7 +72,8 @@ impl SchedulerKind {
     pub fn build(self, cfg: &SchedulerConfig, steps: usize, eta: f64) -> Result<Box<dyn Scheduler>> {
         Ok(match self {
             SchedulerKind::Ddim => Box::new(Ddim::new(cfg, steps, eta)?),
-            SchedulerKind::EulerA => Box::new(EulerAncestral::new(cfg, steps)?),
+            SchedulerKind::Euler => Box::new(Euler::new(cfg, steps)?),
+            SchedulerKind::EulerA => Box::new(Euler::ancestral(cfg, steps)?),
             SchedulerKind::DpmPp2m => Box::new(DpmSolverMultistep::new(cfg, steps, false)?),
             SchedulerKind::DpmPp2mKarras => Box::new(DpmSolverMultistep::new(cfg, steps, true)?),
         })
@@ -82,7 +91,7 @@ impl FromStr for SchedulerKind {
     fn from_str(s: &str) -> Result<Self> {
         match SchedulerKind::ALL.into_iter().find(|k| k.as_str() == s) {
             Some(k) => Ok(k),
-            None => bail!("unknown scheduler {s:?} (expected ddim, euler_a, dpmpp_2m or dpmpp_2m_karras)"),
+            None => bail!("unknown scheduler {s:?} (expected ddim, euler, euler_a, dpmpp_2m or dpmpp_2m_karras)"),
         }
     }
 }

@@ -40,7 +40,7 @@ fn v_oracle(s: &mut Ddim) -> (Tensor, Tensor) {
 #[test]
 fn ddim_recovers_x0_from_an_exact_noise_prediction() {
     let mut cfg = sd_config();
-    cfg.set_alpha_to_one = true;
+    cfg.set_alpha_to_one = Some(true);
     let (x0, noise) = tensors();
     for eta in [0.0, 1.0] {
         let mut s = Ddim::new(&cfg, 10, eta).unwrap();
@@ -73,7 +73,7 @@ fn ddim_step_matches_the_formula() {
 #[test]
 fn v_prediction_ddim_recovers_x0() {
     let mut cfg = sd_config();
-    cfg.set_alpha_to_one = true;
+    cfg.set_alpha_to_one = Some(true);
     cfg.prediction_type = "v_prediction".into();
     let (x0, x) = v_oracle(&mut Ddim::new(&cfg, 5, 0.0).unwrap());
     assert!(max_diff(&x, &x0) < 1e-9);
@@ -82,7 +82,7 @@ fn v_prediction_ddim_recovers_x0() {
 #[test]
 fn euler_ancestral_sigmas_and_denoising() {
     let mut cfg = sd_config();
-    let mut s = EulerAncestral::new(&cfg, 10).unwrap();
+    let mut s = Euler::ancestral(&cfg, 10).unwrap();
     let ac = schedule::alphas_cumprod(&cfg).unwrap();
     let sigma_901 = ((1.0 - ac[901]) / ac[901]).sqrt();
     assert!((s.sigmas()[0] - sigma_901).abs() < 1e-5);
@@ -99,7 +99,7 @@ fn euler_ancestral_sigmas_and_denoising() {
     assert!(max_diff(&x, &x0) < 1e-9);
     // Trailing spacing starts at t = 999, SD's sigma_max, which is also the initial noise scale.
     cfg.timestep_spacing = "trailing".into();
-    let s = EulerAncestral::new(&cfg, 10).unwrap();
+    let s = Euler::ancestral(&cfg, 10).unwrap();
     assert_eq!(s.timesteps()[0], 999.0);
     assert!((s.sigmas()[0] - 14.6146).abs() < 1e-4, "{}", s.sigmas()[0]);
     assert_eq!(s.init_noise_sigma(), s.sigmas()[0]);
@@ -107,10 +107,11 @@ fn euler_ancestral_sigmas_and_denoising() {
 
 #[test]
 fn euler_ancestral_scales_the_model_input() {
-    let s = EulerAncestral::new(&sd_config(), 10).unwrap();
+    let s = Euler::ancestral(&sd_config(), 10).unwrap();
     let (x, _) = tensors();
     let sigma = s.sigmas()[3];
-    let expected = (&x / (sigma * sigma + 1.0).sqrt()).unwrap();
+    // diffusers computes √(σ² + 1) of its f32 sigma in f32.
+    let expected = (&x / ((sigma * sigma) as f32 + 1.0).sqrt() as f64).unwrap();
     assert!(max_diff(&s.scale_model_input(&x, 3).unwrap(), &expected) < 1e-15);
 }
 
@@ -183,12 +184,12 @@ fn zero_snr_schedules() {
     cfg.rescale_betas_zero_snr = true;
     cfg.timestep_spacing = "trailing".into();
     cfg.prediction_type = "v_prediction".into();
-    cfg.set_alpha_to_one = true;
+    cfg.set_alpha_to_one = Some(true);
     let ac = schedule::alphas_cumprod(&cfg).unwrap();
     assert_eq!(ac[999], 0.0);
     assert!((ac[0] - 0.99915).abs() < 1e-5, "{}", ac[0]);
     // Euler and DPM-Solver replace the last ᾱ by 2^-24: σ_max ≈ 4096.
-    let euler = EulerAncestral::new(&cfg, 5).unwrap();
+    let euler = Euler::ancestral(&cfg, 5).unwrap();
     let dpm = DpmSolverMultistep::new(&cfg, 5, true).unwrap();
     assert!((euler.sigmas()[0] - 4096.0).abs() < 0.01, "{}", euler.sigmas()[0]);
     assert!((dpm.sigmas()[0] - 4096.0).abs() < 0.01, "{}", dpm.sigmas()[0]);
@@ -230,4 +231,54 @@ fn leading_spacing_past_the_last_training_timestep_is_an_error() {
     assert_eq!(schedule::spaced_timesteps(&cfg, 999).unwrap()[0], 999.0);
     let err = Ddim::new(&cfg, 1000, 0.0).err().unwrap().to_string();
     assert!(err.contains("use at most 999 steps"), "{err}");
+}
+
+#[test]
+fn euler_matches_diffusers_schedules() {
+    // EulerDiscreteScheduler(scaled_linear 0.00085..0.012, steps_offset 1).set_timesteps(5),
+    // diffusers 0.42.1.
+    type Case = (&'static str, bool, &'static str, [f64; 5], [f64; 6], f64);
+    let cases: [Case; 7] = [
+        ("leading", false, "zero", [801.0, 601.0, 401.0, 201.0, 1.0], [5.13443, 2.29285, 1.16822, 0.57405, 0.04131, 0.0], 5.23091),
+        ("leading", false, "sigma_min", [801.0, 601.0, 401.0, 201.0, 1.0], [5.13443, 2.29285, 1.16822, 0.57405, 0.04131, 0.02917], 5.23091),
+        ("leading", true, "zero", [801.0, 565.8301, 248.593, 38.4223, 1.0], [5.13443, 2.02481, 0.69215, 0.19469, 0.04131, 0.0], 5.23091),
+        ("trailing", false, "zero", [999.0, 799.0, 599.0, 399.0, 199.0], [14.61465, 5.08777, 2.27646, 1.16058, 0.56929, 0.0], 14.61465),
+        ("trailing", true, "zero", [999.0, 876.5876, 710.2963, 475.3398, 199.0], [14.61465, 7.39392, 3.47553, 1.49103, 0.56929, 0.0], 14.61465),
+        ("linspace", false, "zero", [999.0, 749.25, 499.5, 249.75, 0.0], [14.61465, 4.08609, 1.61558, 0.69515, 0.02917, 0.0], 14.61465),
+        ("linspace", true, "zero", [999.0, 785.954, 427.4898, 58.8915, 0.0], [14.61465, 4.79654, 1.27411, 0.24795, 0.02917, 0.0], 14.61465),
+    ];
+    for (spacing, karras, last, timesteps, sigmas, init) in cases {
+        let mut cfg = sd_config();
+        cfg.timestep_spacing = spacing.into();
+        cfg.use_karras_sigmas = karras;
+        cfg.final_sigmas_type = last.into();
+        let s = Euler::new(&cfg, 5).unwrap();
+        let case = format!("{spacing} karras={karras} {last}");
+        assert!(s.timesteps().iter().zip(timesteps).all(|(a, b)| (a - b).abs() < 1e-3), "{case}: {:?}", s.timesteps());
+        assert!(s.sigmas().iter().zip(sigmas).all(|(a, b)| (a - b).abs() < 1e-4), "{case}: {:?}", s.sigmas());
+        assert!((s.init_noise_sigma() - init).abs() < 1e-4, "{case}: {}", s.init_noise_sigma());
+    }
+}
+
+#[test]
+fn euler_steps_follow_the_ode_and_denoise() {
+    let cfg = sd_config();
+    let mut s = Euler::new(&cfg, 10).unwrap();
+    let (x0, noise) = tensors();
+    let mut x = (&noise * s.init_noise_sigma()).unwrap();
+    let mut rng = NoiseRng::new(2);
+    for i in 0..10 {
+        let (sigma, next) = (s.sigmas()[i], s.sigmas()[i + 1]);
+        let eps = ((&x - &x0).unwrap() / sigma).unwrap();
+        let input = s.scale_model_input(&x, i).unwrap();
+        assert!(max_diff(&input, &(&x / (sigma * sigma + 1.0).sqrt()).unwrap()) < 1e-6);
+        let out = s.step(&eps, i, &x, &mut rng).unwrap();
+        // x + (x - x0) / σ · (σ' - σ), exactly x0 + σ' ε for the exact ε.
+        assert!(max_diff(&out, &(&x0 + (&eps * next).unwrap()).unwrap()) < 1e-9, "step {i}");
+        x = out;
+    }
+    assert!(max_diff(&x, &x0) < 1e-9);
+    let mut bad = sd_config();
+    bad.interpolation_type = "log_linear".into();
+    assert!(Euler::new(&bad, 10).unwrap_err().to_string().contains("interpolation_type"));
 }

@@ -1,6 +1,8 @@
-//! diffusers `UNet2DConditionModel` (the SD 1.x / 2.x layout), LoRA-aware and differentiable.
+//! diffusers `UNet2DConditionModel` (the SD 1.x / 2.x and SDXL layouts), LoRA-aware and
+//! differentiable.
 
 mod blocks;
+mod conditioning;
 mod embeddings;
 mod resnet;
 mod transformer;
@@ -9,18 +11,21 @@ use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 use self::blocks::{BlockConfig, DownBlock, MidBlock, UpBlock};
-use self::embeddings::{timestep_features, TimestepEmbedding};
+pub use self::conditioning::{AddedConditions, Conditioning};
+use self::embeddings::{timestep_features, TextTimeEmbedding, TimestepEmbedding};
 use self::resnet::ResnetConfig;
 use self::transformer::TransformerConfig;
 use crate::lora::LoraSet;
 use crate::model::config::UNetConfig;
 use crate::model::nn::{Conv2d, GroupNorm};
 
-/// The noise-prediction UNet: `forward(latents, t, text_embeddings) → ε` (or v).
+/// The noise-prediction UNet: `forward(latents, t, conditioning) → ε` (or v).
 #[derive(Clone, Debug)]
 pub struct UNet2DConditionModel {
     conv_in: Conv2d,
     time_embedding: TimestepEmbedding,
+    /// SDXL's `add_embedding` (`addition_embed_type: "text_time"`).
+    add_embedding: Option<TextTimeEmbedding>,
     down_blocks: Vec<DownBlock>,
     mid_block: Option<MidBlock>,
     up_blocks: Vec<UpBlock>,
@@ -61,6 +66,12 @@ impl UNet2DConditionModel {
         let conv_pad = (c.conv_in_kernel - 1) / 2;
         let conv_in = Conv2d::new(vb.pp("conv_in"), c.in_channels, boc[0], c.conv_in_kernel, 1, conv_pad, true)?;
         let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), boc[0], time_dim)?;
+        let add_embedding = match (c.addition_time_embed_dim, c.projection_class_embeddings_input_dim) {
+            (Some(dim), Some(input)) if c.addition_embed_type.is_some() => {
+                Some(TextTimeEmbedding::new(vb.clone(), dim, input, time_dim, c.flip_sin_to_cos, c.freq_shift)?)
+            }
+            _ => None,
+        };
 
         // Skip-state widths pushed by the down path, consumed last-first by the up path.
         let mut skip_widths = vec![boc[0]];
@@ -112,6 +123,7 @@ impl UNet2DConditionModel {
         Ok(Self {
             conv_in,
             time_embedding,
+            add_embedding,
             down_blocks,
             mid_block,
             up_blocks,
@@ -125,16 +137,22 @@ impl UNet2DConditionModel {
         &self.config
     }
 
+    /// Whether the UNet takes SDXL's added conditions (pooled text embedding and time ids).
+    pub fn takes_added_conditions(&self) -> bool {
+        self.add_embedding.is_some()
+    }
+
     /// `sample`: `[B, C, h, w]` latents; `timestep`: the diffusion timestep shared by the
-    /// batch; `context`: `[B, T, cross_attention_dim]` text embeddings.
-    pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor, lora: &LoraSet) -> Result<Tensor> {
-        self.forward_timesteps(sample, &vec![timestep; sample.dim(0)?], context, lora)
+    /// batch; `cond`: the text conditioning of each batch item.
+    pub fn forward(&self, sample: &Tensor, timestep: f64, cond: &Conditioning, lora: &LoraSet) -> Result<Tensor> {
+        self.forward_timesteps(sample, &vec![timestep; sample.dim(0)?], cond, lora)
     }
 
     /// [`Self::forward`] with one timestep per batch item (training).
-    pub fn forward_timesteps(&self, sample: &Tensor, timesteps: &[f64], context: &Tensor, lora: &LoraSet) -> Result<Tensor> {
-        if timesteps.len() != sample.dim(0)? {
-            candle_core::bail!("unet: {} timesteps for a batch of {}", timesteps.len(), sample.dim(0)?);
+    pub fn forward_timesteps(&self, sample: &Tensor, timesteps: &[f64], cond: &Conditioning, lora: &LoraSet) -> Result<Tensor> {
+        let batch = sample.dim(0)?;
+        if timesteps.len() != batch || cond.batch()? != batch {
+            candle_core::bail!("unet: {} timesteps and {} conditionings for a batch of {batch}", timesteps.len(), cond.batch()?);
         }
         let c = &self.config;
         let t = timestep_features(
@@ -145,7 +163,14 @@ impl UNet2DConditionModel {
             sample.dtype(),
             sample.device(),
         )?;
-        let temb = self.time_embedding.forward(&t, lora)?;
+        let mut temb = self.time_embedding.forward(&t, lora)?;
+        match (&self.add_embedding, &cond.added) {
+            (Some(e), Some(added)) => temb = (temb + e.forward(added, sample.dtype(), lora)?)?,
+            (None, None) => {}
+            (Some(_), None) => candle_core::bail!("unet: this UNet (addition_embed_type \"text_time\") needs text_embeds and time_ids"),
+            (None, Some(_)) => candle_core::bail!("unet: text_embeds and time_ids given to a UNet without addition_embed_type"),
+        }
+        let context = &cond.context;
 
         let mut h = self.conv_in.forward(sample, lora)?;
         let mut skips = vec![h.clone()];

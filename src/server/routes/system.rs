@@ -18,6 +18,7 @@ fn model_info(state: &AppState) -> ModelInfo {
         created: state.started,
         owned_by: "sdserve".into(),
         ready: state.model.get().is_some(),
+        family: state.model.get().map(|m| m.family),
     }
 }
 
