@@ -1,6 +1,6 @@
 //! Image-to-image and inpainting reproduce diffusers' StableDiffusionImg2ImgPipeline and
-//! StableDiffusionInpaintPipeline (4-channel UNet) from the same inputs and Gaussian draws
-//! (scripts/edit_references.py).
+//! StableDiffusionInpaintPipeline (4-channel UNet), and their SDXL counterparts, from the same
+//! inputs and Gaussian draws (scripts/edit_references.py).
 
 mod common;
 
@@ -19,25 +19,27 @@ fn load_image(name: &str) -> image::DynamicImage {
     decode(&std::fs::read(edits_dir().join(name)).unwrap(), 4096).unwrap()
 }
 
-#[test]
-fn edits_match_diffusers() {
-    let sd = StableDiffusion::load(&common::fixture_dir(), &Device::Cpu, DType::F32).unwrap();
-    let manifest: Value =
-        serde_json::from_str(&std::fs::read_to_string(edits_dir().join("manifest.json")).unwrap()).unwrap();
-    let image = image_tensor(&load_image("init.png"), 64, 64, &Device::Cpu).unwrap();
+/// Runs every case of `<model>/reference/edits/manifest.json` with the stored Gaussian draws.
+fn check_manifest(model: &std::path::Path, expected_cases: usize) {
+    let sd = StableDiffusion::load(model, &Device::Cpu, DType::F32).unwrap();
+    let dir = model.join("reference/edits");
+    let manifest: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
+    let read = |name: &str| decode(&std::fs::read(dir.join(name)).unwrap(), 4096).unwrap();
+    let image = image_tensor(&read("init.png"), 64, 64, &Device::Cpu).unwrap();
     let cases = manifest["cases"].as_array().unwrap();
-    assert_eq!(cases.len(), 6);
+    assert_eq!(cases.len(), expected_cases);
     for case in cases {
         let name = case["name"].as_str().unwrap();
-        let reference = candle_core::safetensors::load(edits_dir().join(format!("{name}.safetensors")), &Device::Cpu).unwrap();
-        let mask = case["mask"].as_str().map(|m| mask_tensor(&load_image(m), 64, 64, &Device::Cpu).unwrap());
+        let reference = candle_core::safetensors::load(dir.join(format!("{name}.safetensors")), &Device::Cpu).unwrap();
+        let mask = case["mask"].as_str().map(|m| mask_tensor(&read(m), 64, 64, &Device::Cpu).unwrap());
         let mut lora = PipelineLora::default();
         if let Value::Object(l) = &case["lora"] {
-            let file = common::fixture_dir().join(l["file"].as_str().unwrap());
+            let file = model.join(l["file"].as_str().unwrap());
             LoraAdapter::from_file(&file, &sd.lora_targets, &Device::Cpu).unwrap().add_to(l["scale"].as_f64().unwrap(), &mut lora);
         }
         let params = EditParams {
             generate: GenerateParams {
+                negative_prompt: case["negative_prompt"].as_str().map(String::from),
                 steps: case["steps"].as_u64().unwrap() as usize,
                 guidance_scale: case["guidance_scale"].as_f64().unwrap(),
                 scheduler: case["scheduler"].as_str().unwrap().parse().unwrap(),
@@ -61,6 +63,16 @@ fn edits_match_diffusers() {
         let run = (params.generate.steps as f64 * params.strength) as usize;
         assert_eq!(steps, (1..=run).map(|d| (d, run)).collect::<Vec<_>>(), "{name}: progress");
     }
+}
+
+#[test]
+fn edits_match_diffusers() {
+    check_manifest(&common::fixture_dir(), 6);
+}
+
+#[test]
+fn sdxl_edits_match_diffusers() {
+    check_manifest(&common::sdxl_fixture_dir(), 3);
 }
 
 #[test]

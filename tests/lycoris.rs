@@ -20,8 +20,7 @@ fn reference_cases_match_peft_and_diffusers() {
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference/lycoris/manifest.json")).unwrap())
             .unwrap();
     let sd = StableDiffusion::load(&dir, &Device::Cpu, DType::F32).unwrap();
-    let latents = common::components()["vae_latents"].clone();
-    let base = common::reference_image("reference/ddim10_cfg7.5.safetensors");
+    let base = common::reference(&dir, "ddim10_cfg7.5");
     let cases = manifest["cases"].as_array().unwrap();
     let names: Vec<&str> = cases.iter().map(|c| c["name"].as_str().unwrap()).collect();
     assert_eq!(
@@ -31,8 +30,8 @@ fn reference_cases_match_peft_and_diffusers() {
     for case in cases {
         let name = case["name"].as_str().unwrap();
         let image = case["image"].as_str().unwrap();
-        let ours = common::run_case(&sd, case, &latents);
-        let p = common::psnr(&ours, &common::reference_image(&format!("reference/lycoris/{image}.safetensors")));
+        let ours = common::draw(&sd, &dir, case, &common::case_loras(case));
+        let p = common::psnr(&ours, &common::reference(&dir, &format!("lycoris/{image}")));
         let change = common::psnr(&ours, &base);
         println!("{name}: PSNR {p:.1} dB against the reference, {change:.1} dB against no adapter");
         assert!(p >= 40.0, "{name}: PSNR {p:.1} dB < 40");

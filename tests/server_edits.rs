@@ -137,3 +137,17 @@ fn bad_edit_forms_get_clear_errors() {
     assert!(err["message"].as_str().unwrap().contains("4096"), "{err}");
     s.assert_still_serving();
 }
+
+#[test]
+fn sdxl_edits_with_sdxl_defaults() {
+    let s = start(|c| c.model = server_support::common::sdxl_fixture_dir());
+    let (init, mask) = (edit_input("init.png"), edit_input("mask.png"));
+    for (mask_part, mode, strength) in [(None, "image_to_image", 0.3), (Some(Part::File("mask", "m.png", &mask)), "inpaint", 0.9999)] {
+        let mut parts = vec![Part::File("image", "init.png", &init), Part::Text("prompt", PROMPT), Part::Text("steps", "10")];
+        parts.extend(mask_part);
+        let r = ok(s.post_form("/v1/images/edits", &parts));
+        let edit = &r["parameters"]["edit"];
+        assert_eq!((edit["mode"].as_str(), edit["strength"].as_f64()), (Some(mode), Some(strength)), "{r}");
+        assert_eq!(decode_image(r["data"][0]["b64_json"].as_str().unwrap()).1, 64);
+    }
+}

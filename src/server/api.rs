@@ -301,8 +301,9 @@ pub struct ImageEditForm {
     pub output_format: Option<ImageFormat>,
     #[schema(minimum = 0, maximum = 100)]
     pub output_compression: Option<u32>,
-    /// Extension: the share of the schedule redone, in (0, 1] (default 0.8 without a mask,
-    /// 1 with one, as diffusers). At least one step must run: `⌊steps × strength⌋ ≥ 1`.
+    /// Extension: the share of the schedule redone, in (0, 1]. Default as diffusers: 0.8
+    /// without a mask, 1 with one (SDXL: 0.3 and 0.9999). At least one step must run:
+    /// `⌊steps × strength⌋ ≥ 1`.
     #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
     pub strength: Option<f64>,
     /// Extension, as in `POST /v1/images/generations`.

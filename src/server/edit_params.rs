@@ -12,16 +12,20 @@ use super::jobs::EditInput;
 use super::params::{self, Validated};
 use crate::engine::edit::first_step;
 use crate::engine::image::{decode, image_tensor, mask_tensor};
-use crate::engine::pipeline::StableDiffusion;
+use crate::engine::pipeline::{ModelFamily, StableDiffusion};
 
 /// Largest side of an input image or mask, in pixels (checked before decoding its pixels).
 pub const MAX_INPUT_SIDE: u32 = 4096;
 
-/// diffusers' default strengths: `StableDiffusionImg2ImgPipeline` 0.8, `StableDiffusionInpaintPipeline` 1.
-fn default_strength(mode: EditMode) -> f64 {
-    match mode {
-        EditMode::ImageToImage => 0.8,
-        EditMode::Inpaint => 1.0,
+/// diffusers' default strengths: `StableDiffusionImg2ImgPipeline` 0.8,
+/// `StableDiffusionInpaintPipeline` 1, `StableDiffusionXLImg2ImgPipeline` 0.3,
+/// `StableDiffusionXLInpaintPipeline` 0.9999.
+fn default_strength(mode: EditMode, family: ModelFamily) -> f64 {
+    match (mode, family) {
+        (EditMode::ImageToImage, ModelFamily::Sdxl) => 0.3,
+        (EditMode::Inpaint, ModelFamily::Sdxl) => 0.9999,
+        (EditMode::ImageToImage, _) => 0.8,
+        (EditMode::Inpaint, _) => 1.0,
     }
 }
 
@@ -55,7 +59,7 @@ pub fn validate(
     }
     let mut validated = params::validate(config, model_id, model, &request)?;
     let mode = if mask_file.is_some() { EditMode::Inpaint } else { EditMode::ImageToImage };
-    let strength = strength.unwrap_or(default_strength(mode));
+    let strength = strength.unwrap_or(default_strength(mode, model.family));
     first_step(validated.spec.steps, strength).map_err(|e| ApiError::invalid("strength", format!("{e:#}")))?;
     let spec = &mut validated.spec;
     let (w, h) = (spec.width as u32, spec.height as u32);

@@ -3,10 +3,12 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{Device, Tensor};
+use sdserve::engine::pipeline::{GenerateParams, StableDiffusion};
+use sdserve::lora::{LoraAdapter, PipelineLora};
 
 /// The tiny diffusers-made SD 1.x pipeline copied from the shared fixtures.
 pub fn fixture_dir() -> PathBuf {
@@ -77,28 +79,29 @@ pub fn psnr(a: &Tensor, b: &Tensor) -> f64 {
     10.0 * (1.0 / mse).log10()
 }
 
-/// Runs one case of a reference manifest (`reference/manifest.json` layout: prompt, steps,
-/// scheduler, `lora` or `loras` as `{file, scale}`) from `latents`; returns the image as
-/// `[H, W, 3]`, like the stored references.
-pub fn run_case(
-    sd: &sdserve::engine::pipeline::StableDiffusion,
-    case: &serde_json::Value,
-    latents: &Tensor,
-) -> Tensor {
-    use sdserve::engine::pipeline::GenerateParams;
-    use sdserve::lora::{LoraAdapter, PipelineLora};
-    let one = |v: &serde_json::Value| (v["file"].as_str().unwrap().to_string(), v["scale"].as_f64().unwrap());
-    let loras: Vec<(String, f64)> = match (&case["lora"], &case["loras"]) {
-        (serde_json::Value::Object(_), _) => vec![one(&case["lora"])],
-        (_, serde_json::Value::Array(list)) => list.iter().map(one).collect(),
+/// The `{file, scale}` adapters of a manifest case (`lora` or `loras`).
+pub fn case_loras(case: &serde_json::Value) -> Vec<(String, f64)> {
+    use serde_json::Value;
+    let one = |v: &Value| (v["file"].as_str().unwrap().to_string(), v["scale"].as_f64().unwrap());
+    match (&case["lora"], &case["loras"]) {
+        (Value::Object(_), _) => vec![one(&case["lora"])],
+        (_, Value::Array(list)) => list.iter().map(one).collect(),
         _ => vec![],
-    };
-    let mut lora = PipelineLora::default();
-    for (file, scale) in loras {
-        LoraAdapter::from_file(&fixture_dir().join(file), &sd.lora_targets, &Device::Cpu)
-            .unwrap()
-            .add_to(scale, &mut lora);
     }
+}
+
+/// The adapters `files` (relative to the fixture `dir`) loaded at their scales.
+pub fn loras(sd: &StableDiffusion, dir: &Path, files: &[(String, f64)]) -> PipelineLora {
+    let mut lora = PipelineLora::default();
+    for (file, scale) in files {
+        LoraAdapter::from_file(&dir.join(file), &sd.lora_targets, &Device::Cpu).unwrap().add_to(*scale, &mut lora);
+    }
+    lora
+}
+
+/// Our image `[H, W, 3]` (f32) for a manifest case of the fixture `dir`, from its
+/// `vae_latents`, with `files` as its adapters.
+pub fn draw(sd: &StableDiffusion, dir: &Path, case: &serde_json::Value, files: &[(String, f64)]) -> Tensor {
     let params = GenerateParams {
         prompt: case["prompt"].as_str().unwrap().into(),
         negative_prompt: case["negative_prompt"].as_str().map(String::from),
@@ -109,13 +112,13 @@ pub fn run_case(
         height: case["height"].as_u64().unwrap() as usize,
         scheduler: case["scheduler"].as_str().unwrap().parse().unwrap(),
         eta: case["eta"].as_f64().unwrap(),
-        latents: Some(latents.clone()),
+        latents: Some(components_of(dir)["vae_latents"].clone()),
     };
-    let image = sd.generate(&params, &lora, &mut |_, _| Ok(())).unwrap();
-    image.squeeze(0).unwrap().permute((1, 2, 0)).unwrap()
+    let image = sd.generate(&params, &loras(sd, dir, files), &mut |_, _| Ok(())).unwrap();
+    image.to_dtype(candle_core::DType::F32).unwrap().squeeze(0).unwrap().permute((1, 2, 0)).unwrap()
 }
 
-/// The `image` tensor of a reference file under the fixture.
-pub fn reference_image(relative: &str) -> Tensor {
-    candle_core::safetensors::load(fixture_dir().join(relative), &Device::Cpu).unwrap()["image"].clone()
+/// The `image` of `dir/reference/<name>.safetensors`.
+pub fn reference(dir: &Path, name: &str) -> Tensor {
+    candle_core::safetensors::load(dir.join(format!("reference/{name}.safetensors")), &Device::Cpu).unwrap()["image"].clone()
 }
