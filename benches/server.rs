@@ -24,12 +24,12 @@ fn main() {
         let name = format!("m{i}");
         copy_adapter("probe_diffusers", &s.adapters_dir, &name);
         let t = Instant::now();
-        let a = registry.resolve(&name).unwrap();
+        let a = s.server.block_on(registry.resolve(&name)).unwrap();
         let mut lora = PipelineLora::default();
         a.adapter.add_to(0.8, &mut lora);
         uncached.push(t.elapsed().as_secs_f64() * 1e3);
         let t = Instant::now();
-        let a = registry.resolve(&name).unwrap();
+        let a = s.server.block_on(registry.resolve(&name)).unwrap();
         let mut lora = PipelineLora::default();
         a.adapter.add_to(0.8, &mut lora);
         cached.push(t.elapsed().as_secs_f64() * 1e3);

@@ -2,8 +2,10 @@
 # Verifies docker/Dockerfile on a machine WITHOUT a Docker engine or a reachable image
 # registry, using buildah and podman (chroot isolation, vfs storage):
 #
-#   1. installs buildah, podman, debootstrap and curl with apt-get when missing;
-#   2. builds sdserve on the host (cargo build --release --locked --bin sdserve);
+#   1. checks that buildah, podman, debootstrap and curl are installed (it installs nothing:
+#      it prints the apt-get command instead);
+#   2. builds sdserve into the work folder (CARGO_TARGET_DIR=$WORKDIR/target cargo build
+#      --release --locked --bin sdserve) and copies the build context there;
 #   3. makes a Debian bookworm base image locally: debootstrap --variant=minbase into a folder,
 #      tar, `podman import` as localhost/bookworm-slim-local (kept and reused by later runs);
 #   4. builds the image's `runtime-prebuilt` stage with that base and the host binary
@@ -15,6 +17,12 @@
 #   7. removes the containers and the image (the base image stays cached).
 #
 # Must run as root (debootstrap, chroot). Not run by CI. Re-running is safe.
+#
+# It writes nothing outside its work folder: every file it makes (build output, image store,
+# base image, container runtime state, logs, volumes) is under VERIFY_WORKDIR, every removal is
+# checked to resolve inside it, and the tools' own state (HOME, XDG folders) is pointed there.
+# (An earlier version installed packages on the host and trimmed documentation with `find
+# -delete` on paths it did not check; that once damaged /usr/share/doc of the machine it ran on.)
 #
 # Options:
 #   --rebuild-base   debootstrap a fresh base image even if one is cached
@@ -55,9 +63,37 @@ case "$WORKDIR" in
   /*/*) ;;
   *) echo "VERIFY_WORKDIR must be an absolute path at least two levels deep: $WORKDIR" >&2; exit 2 ;;
 esac
-WORKDIR="${WORKDIR%/}"
+mkdir -p "$WORKDIR"
+WORKDIR="$(realpath -e -- "$WORKDIR")"
+case "$WORKDIR" in
+  /|/bin|/boot|/dev|/etc|/home|/lib*|/opt|/proc|/root|/run|/sbin|/srv|/sys|/tmp|/usr|/usr/*|/var|/var/lib|/var/tmp)
+    echo "VERIFY_WORKDIR must be a folder of its own, not $WORKDIR" >&2; exit 2 ;;
+esac
+# A folder this script did not make must be empty before it takes it over.
+MARKER="$WORKDIR/.sdserve-verify"
+if [ ! -e "$MARKER" ]; then
+  [ -z "$(ls -A "$WORKDIR")" ] || { echo "$WORKDIR is not empty and not a verify.sh work folder" >&2; exit 2; }
+  : >"$MARKER"
+fi
 STORAGE_ROOT="$WORKDIR/storage"
 RUN_ROOT="$WORKDIR/run"
+
+# Removes paths only if they resolve inside the work folder (symbolic links included).
+inside_workdir() { case "$(realpath -m -- "$1")" in "$WORKDIR"/*) return 0 ;; *) return 1 ;; esac; }
+safe_rm() {
+  local p
+  for p in "$@"; do
+    [ -e "$p" ] || [ -L "$p" ] || continue
+    inside_workdir "$p" || { echo "refusing to remove $p: outside $WORKDIR" >&2; exit 3; }
+    rm -rf --one-file-system -- "$p"
+  done
+}
+
+# The container tools keep their state (configuration, caches, runtime files) in the work folder.
+export HOME="$WORKDIR/home" XDG_RUNTIME_DIR="$WORKDIR/xdg-run" XDG_CONFIG_HOME="$WORKDIR/home/.config" \
+  XDG_DATA_HOME="$WORKDIR/home/.local/share" XDG_CACHE_HOME="$WORKDIR/home/.cache" TMPDIR="$WORKDIR/tmp"
+mkdir -p "$HOME" "$XDG_RUNTIME_DIR" "$TMPDIR"
+chmod 700 "$XDG_RUNTIME_DIR"
 
 STEP=0
 step() { STEP=$((STEP + 1)); printf '\n==> [%d] %s\n' "$STEP" "$*"; }
@@ -77,7 +113,9 @@ if [ "$PURGE" -eq 1 ]; then
     bh rm --all >/dev/null 2>&1 || true
     bh rmi --all --force >/dev/null 2>&1 || true
   fi
-  rm -rf "$WORKDIR"
+  [ -e "$MARKER" ] || fail "$WORKDIR has no $MARKER: not removing it"
+  find "$WORKDIR" -mindepth 1 -maxdepth 1 -exec sh -c 'for p; do case "$(realpath -m -- "$p")" in "$0"/*) rm -rf --one-file-system -- "$p" ;; esac; done' "$WORKDIR" {} +
+  rmdir "$WORKDIR" 2>/dev/null || true
   info "done"
   exit 0
 fi
@@ -131,8 +169,8 @@ cleanup() {
     bh rmi -f "$IMAGE" >/dev/null 2>&1 && info "image $IMAGE removed (--keep-image keeps it)"
     bh rmi --prune >/dev/null 2>&1   # dangling intermediate stages (assets)
   fi
-  [ -n "$ROOTFS_TMP" ] && rm -rf "$ROOTFS_TMP"
-  rm -rf "$WORKDIR/mounts"
+  [ -n "$ROOTFS_TMP" ] && safe_rm "$ROOTFS_TMP"
+  safe_rm "$WORKDIR/mounts" "$WORKDIR/context"
   info "base image $BASE_IMAGE kept in $STORAGE_ROOT (--purge removes it)"
   if [ "$rc" -eq 0 ]; then printf '\n==> RESULT: OK\n'; else printf '\n==> RESULT: FAILED (exit %d)\n' "$rc"; fi
   exit "$rc"
@@ -143,7 +181,7 @@ trap 'exit 130' INT TERM
 mkdir -p "$WORKDIR" "$STORAGE_ROOT" "$RUN_ROOT"
 
 # --------------------------------------------------------------------------------------------
-step "Tools (apt-get install when missing)"
+step "Tools"
 need=()
 command -v buildah >/dev/null || need+=(buildah)
 command -v podman >/dev/null || need+=(podman)
@@ -152,24 +190,23 @@ command -v curl >/dev/null || need+=(curl)
 command -v python3 >/dev/null || need+=(python3)
 [ -e /usr/share/keyrings/debian-archive-keyring.gpg ] || need+=(debian-archive-keyring)
 if [ "${#need[@]}" -gt 0 ]; then
-  info "installing: ${need[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  fail "missing: ${need[*]}; install them first (this script changes nothing outside $WORKDIR):
+    apt-get install --no-install-recommends ${need[*]}"
 fi
 info "$(buildah --version)"
 info "$(podman --version)"
 info "debootstrap $(dpkg-query -W -f='${Version}' debootstrap 2>/dev/null || echo '?')"
 
 # --------------------------------------------------------------------------------------------
-BIN="$REPO_ROOT/target/release/sdserve"
+BIN="$WORKDIR/target/release/sdserve"
 if [ "$BASE_ONLY" -eq 1 ]; then
   :
 elif [ "$SKIP_BUILD" -eq 1 ]; then
-  step "Host binary (--skip-build: using target/release/sdserve as it is)"
+  step "Host binary (--skip-build: using $BIN as it is)"
 else
-  step "Host binary: cargo build --release --locked --bin sdserve"
-  (cd "$REPO_ROOT" && nice -n 10 cargo build --release --locked --bin sdserve) \
-    || fail "cargo build failed"
+  step "Host binary: cargo build --release --locked --bin sdserve (into $WORKDIR/target)"
+  (cd "$REPO_ROOT" && CARGO_TARGET_DIR="$WORKDIR/target" CARGO_HOME="${CARGO_HOME:-/root/.cargo}" \
+    nice -n 10 cargo build --release --locked --bin sdserve) || fail "cargo build failed"
 fi
 if [ "$BASE_ONLY" -eq 0 ]; then
   [ -x "$BIN" ] || fail "$BIN is missing"
@@ -216,13 +253,13 @@ else
   SECURITY="${SECURITY:-http://deb.debian.org/debian-security}"
   info "mirror: $MIRROR   security: $SECURITY"
   ROOTFS_TMP="$WORKDIR/rootfs"
-  rm -rf "$ROOTFS_TMP"
+  safe_rm "$ROOTFS_TMP"
   debootstrap --variant=minbase --arch="$(dpkg --print-architecture)" \
     --keyring=/usr/share/keyrings/debian-archive-keyring.gpg \
     "$SUITE" "$ROOTFS_TMP" "$MIRROR" >"$WORKDIR/debootstrap.log" 2>&1 \
     || { tail -n 20 "$WORKDIR/debootstrap.log"; fail "debootstrap failed (log: $WORKDIR/debootstrap.log)"; }
   # Look like debian:bookworm-slim: deb822 sources with updates and security, no caches.
-  rm -f "$ROOTFS_TMP/etc/apt/sources.list"
+  safe_rm "$ROOTFS_TMP/etc/apt/sources.list"
   cat >"$ROOTFS_TMP/etc/apt/sources.list.d/debian.sources" <<EOF
 Types: deb
 URIs: $MIRROR
@@ -252,11 +289,13 @@ EOF
     'path-exclude /usr/share/linda/*' 'path-exclude /usr/share/lintian/overrides/*' \
     'path-exclude /usr/share/locale/*' 'path-exclude /usr/share/man/*' \
     >"$ROOTFS_TMP/etc/dpkg/dpkg.cfg.d/docker"
-  # Only ever inside the fresh debootstrap folder (never a host path).
-  case "$ROOTFS_TMP" in "$WORKDIR"/rootfs) ;; *) fail "refusing to trim $ROOTFS_TMP" ;; esac
-  find "$ROOTFS_TMP/usr/share/doc" -mindepth 1 ! -name copyright ! -type d -delete
-  find "$ROOTFS_TMP/usr/share/doc" -mindepth 1 -type d -empty -delete
-  rm -rf "$ROOTFS_TMP"/var/lib/apt/lists/* "$ROOTFS_TMP"/var/cache/apt/*.bin \
+  # Only ever inside the fresh debootstrap folder: the doc folder must resolve there (a
+  # symbolic link out of it is refused), and find neither follows links nor leaves the device.
+  DOC="$(realpath -e -- "$ROOTFS_TMP/usr/share/doc")"
+  case "$DOC" in "$WORKDIR"/rootfs/usr/share/doc) ;; *) fail "refusing to trim $DOC" ;; esac
+  find -P "$DOC" -xdev -mindepth 1 ! -name copyright ! -type d -delete
+  find -P "$DOC" -xdev -mindepth 1 -type d -empty -delete
+  safe_rm "$ROOTFS_TMP"/var/lib/apt/lists/* "$ROOTFS_TMP"/var/cache/apt/*.bin \
          "$ROOTFS_TMP"/var/cache/apt/archives/*.deb "$ROOTFS_TMP"/var/log/*.log \
          "$ROOTFS_TMP"/usr/share/man/* "$ROOTFS_TMP"/usr/share/info/* \
          "$ROOTFS_TMP"/usr/share/locale/* "$ROOTFS_TMP"/usr/share/groff/*
@@ -266,7 +305,7 @@ EOF
   pm image rm -f "$BASE_IMAGE" >/dev/null 2>&1 || true
   pm import -q --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' --change 'CMD ["bash"]' --message "debootstrap $SUITE minbase" \
     "$WORKDIR/rootfs.tar" "$BASE_IMAGE" >/dev/null
-  rm -rf "$ROOTFS_TMP" "$WORKDIR/rootfs.tar"; ROOTFS_TMP=""
+  safe_rm "$ROOTFS_TMP" "$WORKDIR/rootfs.tar"; ROOTFS_TMP=""
 fi
 info "$(bh images --format '{{.Name}}:{{.Tag}}  {{.ID}}  {{.Size}}' "$BASE_IMAGE")"
 [ "$BASE_ONLY" -eq 0 ] || exit 0
@@ -274,7 +313,13 @@ info "$(bh images --format '{{.Name}}:{{.Tag}}  {{.ID}}  {{.Size}}' "$BASE_IMAGE
 # --------------------------------------------------------------------------------------------
 step "Building $IMAGE: docker/Dockerfile --target runtime-prebuilt (buildah bud, chroot isolation)"
 BUILD_LOG="$WORKDIR/build.log"
-if ! (cd "$REPO_ROOT" && bh bud --isolation chroot --format docker --pull=never --layers=false \
+# The build context is a copy in the work folder (what .dockerignore lets in), with the binary.
+CONTEXT="$WORKDIR/context"
+safe_rm "$CONTEXT"
+mkdir -p "$CONTEXT/target/release"
+(cd "$REPO_ROOT" && cp -r Cargo.toml Cargo.lock src benches models adapters docker migrations .dockerignore "$CONTEXT/")
+cp "$BIN" "$CONTEXT/target/release/sdserve"
+if ! (cd "$CONTEXT" && bh bud --isolation chroot --format docker --pull=never --layers=false \
       --build-arg BASE_IMAGE="$BASE_IMAGE" --target runtime-prebuilt \
       -f docker/Dockerfile -t "$IMAGE" . ) >"$BUILD_LOG" 2>&1; then
   tail -n 30 "$BUILD_LOG"
@@ -324,20 +369,24 @@ CTR_UID="$(bh run --isolation chroot "$CTR" -- id -u)"
 
 PORT="${VERIFY_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 MOUNTS=("$WORKDIR/mounts/adapters" "$WORKDIR/mounts/data")
-rm -rf "$WORKDIR/mounts"; mkdir -p "${MOUNTS[@]}"
+safe_rm "$WORKDIR/mounts"; mkdir -p "${MOUNTS[@]}"
 RUN_OPTS=(--isolation chroot -e "SDSERVE_PORT=$PORT" -e NO_COLOR=1
           -v "$WORKDIR/mounts/adapters:/app/adapters" -v "$WORKDIR/mounts/data:/app/data")
 if [ "$FORCE_FIXTURE" -eq 0 ] && bh run --isolation chroot "$CTR" -- test -f /app/models/default/model_index.json 2>/dev/null; then
   MODEL_DESC="the image's default model (/app/models/default)"
   # The image's adapters, as a fresh named volume would start with them.
-  bh run --isolation chroot "$CTR" -- tar -C /app/adapters -cf - . | tar -C "$WORKDIR/mounts/adapters" -xf -
+  # One plain file at a time, by a checked name (no archive that could carry links out).
+  for f in $(bh run --isolation chroot "$CTR" -- sh -c 'cd /app/adapters && for f in *; do [ -f "$f" ] && [ ! -L "$f" ] && echo "$f"; done'); do
+    case "$f" in *[!A-Za-z0-9._-]*|.*) continue ;; esac
+    bh run --isolation chroot "$CTR" -- cat "/app/adapters/$f" >"$WORKDIR/mounts/adapters/$f"
+  done
 else
   MODEL_DESC="tests/fixtures/tiny-sd1 mounted read-only at /models/tiny-sd1 (custom-weights volume)"
   [ -f "$FIXTURE/model_index.json" ] || fail "no default model in the image and no fixture at $FIXTURE"
   RUN_OPTS+=(-v "$FIXTURE:/models/tiny-sd1:ro" -e SDSERVE_MODEL=/models/tiny-sd1)
   [ -d "$FIXTURE/loras" ] && cp "$FIXTURE"/loras/*.safetensors "$WORKDIR/mounts/adapters/" 2>/dev/null || true
 fi
-chown -R "$CTR_UID:$CTR_UID" "${MOUNTS[@]}"
+chown -R -P "$CTR_UID:$CTR_UID" "${MOUNTS[@]}"
 info "model: $MODEL_DESC"
 info "volumes: $WORKDIR/mounts/adapters -> /app/adapters ($(find "$WORKDIR/mounts/adapters" -type f | wc -l) file(s)), $WORKDIR/mounts/data -> /app/data"
 info "command: ${ENTRYPOINT[*]} (image entrypoint), SDSERVE_PORT=$PORT, host network"

@@ -6,6 +6,8 @@
 //! - [`engine`]: schedulers, seeded noise and the text-to-image pipeline.
 //! - [`align`] and [`rewards`]: AlignProp training and the rewards it maximises.
 //! - [`dataset`] and [`eval`]: the procedural shapes data and its analytic evaluator.
+//! - [`stores`]: jobs, the adapter registry and adapter blobs, shared by every process.
+//! - [`server`] and [`cli`]: the HTTP API and the subcommands.
 
 pub mod align;
 pub mod dataset;
@@ -17,6 +19,7 @@ pub mod model;
 pub mod pretrain;
 pub mod rewards;
 pub mod server;
+pub mod stores;
 pub mod cli;
 
 /// The embedded default model: a small SD-architecture model trained by this project

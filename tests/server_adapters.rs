@@ -375,57 +375,38 @@ fn cache_budget_evicts_but_pinned_adapters_stay() {
     );
 }
 
-/// The API an /align job runner uses: `register` a file it wrote, or `install` bytes.
+/// The API an /align trainer uses: `install` a staged file with its sidecar metadata.
 #[test]
-fn job_runners_can_register_and_install_adapters() {
+fn trainers_can_install_adapters_with_metadata() {
     use sdserve::server::AdapterMeta;
     let s = start(|_| {});
     let registry = s.server.state.adapters.clone();
     let want = s.image_b64(req(json!([{"name": "probe_diffusers", "weight": 1.0}]), 5));
-
-    copy_adapter("probe_diffusers", registry.dir(), "aligned-1");
-    assert_eq!(
-        registry.path_for("aligned-1"),
-        s.adapters_dir.join("aligned-1.safetensors")
-    );
-    let info = registry
-        .register(
-            "aligned-1",
-            AdapterMeta::align_job(Some("alignjob_1".into()), Some("tiny-sd1".into())),
-        )
-        .unwrap();
-    assert_eq!(info.job_id.as_deref(), Some("alignjob_1"));
-    assert!(info.loaded);
-    assert_eq!(
-        s.image_b64(req(json!([{"name": "aligned-1", "weight": 1.0}]), 5)),
-        want
-    );
-
     let bytes = std::fs::read(fixture_lora("probe_diffusers")).unwrap();
-    let (info, created) = registry
-        .install(
-            "aligned-2",
-            &bytes,
-            Some(AdapterMeta::align_job(Some("alignjob_2".into()), None)),
-            false,
-        )
-        .unwrap();
+    let install = |name: &str, meta: Option<AdapterMeta>| {
+        s.server.block_on(async {
+            let staged = registry.blobs().stage_bytes(&bytes).await.unwrap();
+            registry.install(name, staged, meta, false, None).await
+        })
+    };
+    let (info, created) = install("aligned-2", Some(AdapterMeta::align_job(Some("alignjob_2".into()), None))).unwrap();
     assert!(created);
     assert_eq!(info.name, "aligned-2");
-    assert!(
-        registry.install("aligned-2", &bytes, None, false).is_err(),
-        "no silent overwrite"
-    );
+    assert!(info.loaded);
+    assert!(install("aligned-2", None).is_err(), "no silent overwrite");
     let listed: Value = s.get("/v1/adapters/aligned-2").json().unwrap();
     assert_eq!(listed["source"], "align_job");
     assert_eq!(listed["job_id"], "alignjob_2");
-    assert_eq!(
-        s.image_b64(req(json!([{"name": "aligned-2", "weight": 1.0}]), 5)),
-        want
-    );
-    // Registering a file that is not a valid adapter fails and says why.
-    std::fs::write(registry.path_for("aligned-3"), b"junk").unwrap();
-    assert!(registry
-        .register("aligned-3", AdapterMeta::default())
-        .is_err());
+    // The folder stays self-describing: the file and its sidecar.
+    assert!(s.adapters_dir.join("aligned-2.safetensors").is_file());
+    let sidecar: Value = serde_json::from_slice(&std::fs::read(s.adapters_dir.join("aligned-2.json")).unwrap()).unwrap();
+    assert_eq!(sidecar["job_id"], "alignjob_2");
+    assert_eq!(s.image_b64(req(json!([{"name": "aligned-2", "weight": 1.0}]), 5)), want);
+    // A file that is not a valid adapter is refused and leaves nothing behind.
+    let junk = s.server.block_on(async {
+        let staged = registry.blobs().stage_bytes(b"junk").await.unwrap();
+        registry.install("aligned-3", staged, None, false, None).await
+    });
+    assert!(junk.is_err());
+    assert!(!s.adapters_dir.join("aligned-3.safetensors").exists());
 }

@@ -211,7 +211,7 @@ fn bad_align_requests_get_clear_errors() {
 
 #[test]
 fn cancel_stops_a_running_job_and_records_persist() {
-    let s = start(|_| {});
+    let s = start(|c| c.stores.lease_timeout_s = Some(2.0));
     let running = submit(&s, &align_body("long", 500));
     let id = running["id"].as_str().unwrap().to_string();
     // A second job waits behind it; cancelling it is immediate.
@@ -220,8 +220,25 @@ fn cancel_stops_a_running_job_and_records_persist() {
     assert_eq!(align_job(&s, &qid)["queue_position"], 1);
     let c: Value = s.post_json(&format!("/v1/align/jobs/{qid}/cancel"), &json!({})).json().unwrap();
     assert_eq!(c["status"], "cancelled");
+    let events: Value = s.get(&format!("/v1/align/jobs/{qid}/events")).json().unwrap();
+    assert_eq!(events["data"].as_array().unwrap().last().unwrap()["type"], "cancelled", "{events}");
 
     wait_align(&s, &id, |j| j["step"].as_u64().unwrap_or(0) >= 1);
+    // A job claimed by a trainer that never heartbeats (it died) ends interrupted after the
+    // lease timeout; the busy trainer here leaves it to the ghost.
+    let state = &s.server.state;
+    let ghost_id = s.server.block_on(async {
+        let request: sdserve::align::request::AlignRequest = serde_json::from_value(align_body("ghosted", 2)).unwrap();
+        let job = state.stores.align.submit(&request, 1).await.unwrap();
+        let claimed = state.stores.align.claim("trainer-ghost").await.unwrap().expect("the one queued job");
+        assert_eq!(claimed.id, job.id);
+        job.id
+    });
+    let ghosted = wait_align(&s, &ghost_id, terminal);
+    assert_eq!(ghosted["status"], "failed", "{ghosted}");
+    assert_eq!(ghosted["error"]["code"], "interrupted", "{ghosted}");
+    assert!(!s.adapters_dir.join("ghosted.safetensors").exists());
+
     let resp = s.post_json(&format!("/v1/align/jobs/{id}/cancel"), &json!({}));
     assert_eq!(resp.status(), StatusCode::OK);
     let done = wait_align(&s, &id, terminal);
@@ -232,17 +249,13 @@ fn cancel_stops_a_running_job_and_records_persist() {
     assert_eq!(err["code"], "job_finished");
     s.assert_still_serving();
 
-    // Records persist; one left "running" by a crash reads back as failed/interrupted.
-    let records = s.root.join("data/align_jobs");
-    let mut crashed: Value = serde_json::from_slice(&std::fs::read(records.join(format!("{id}.json"))).unwrap()).unwrap();
-    crashed["id"] = json!("alignjob-crashed");
-    crashed["status"] = json!("running");
-    std::fs::write(records.join("alignjob-crashed.json"), serde_json::to_vec(&crashed).unwrap()).unwrap();
-    let jobs = sdserve::align::jobs::AlignJobs::open(&records).unwrap();
-    assert_eq!(jobs.get(&id).unwrap().status, sdserve::align::jobs::AlignStatus::Cancelled);
-    let reread = jobs.get("alignjob-crashed").unwrap();
-    assert_eq!(reread.status, sdserve::align::jobs::AlignStatus::Failed);
-    assert_eq!(reread.error.unwrap().code, "interrupted");
+    // Records persist across a restart.
+    let s = s.restart();
+    assert_eq!(align_job(&s, &id)["status"], "cancelled");
+    assert_eq!(align_job(&s, &qid)["status"], "cancelled");
+    assert_eq!(align_job(&s, &ghost_id)["error"]["code"], "interrupted");
+    let list: Value = s.get("/v1/align/jobs").json().unwrap();
+    assert_eq!(list["data"].as_array().unwrap().len(), 3);
 }
 
 #[test]

@@ -533,8 +533,9 @@ fn ready_is_503_until_the_model_loads() {
     let mut config = ServerConfig::for_model(server_support::fixture_dir());
     config.adapters_dir = root.join("adapters");
     config.data_dir = root.join("data");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
     // State without the loading thread: the model stays `Loading` until set by hand.
-    let state = AppState::new(config).unwrap();
+    let state = runtime.block_on(AppState::new(config)).unwrap();
     let app = sdserve::server::routes::app(state.clone()).unwrap();
     let call = |req: Request<Body>| {
         let app = app.clone();
@@ -556,7 +557,7 @@ fn ready_is_503_until_the_model_loads() {
         }
     };
     let get = |path: &str| Request::get(path).body(Body::empty()).unwrap();
-    tokio::runtime::Runtime::new().unwrap().block_on(async {
+    runtime.block_on(async {
         assert_eq!(call(get("/health")).await.0, StatusCode::OK);
         let (status, _, body) = call(get("/ready")).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
@@ -598,4 +599,44 @@ fn finished_jobs_are_kept_up_to_the_history_bound() {
     for id in &ids[1..] {
         assert_eq!(s.job(id)["status"], "succeeded");
     }
+}
+
+#[test]
+fn image_jobs_survive_a_restart() {
+    let s = start(|c| {
+        c.limits.max_steps = SLOW_STEPS;
+        c.stores.lease_timeout_s = Some(1.0);
+    });
+    let done = s.submit(json!({"prompt": "kept", "size": "32x32", "steps": 2, "seed": 4}));
+    let done_id = done["id"].as_str().unwrap().to_string();
+    let before = s.wait_terminal(&done_id);
+    assert_eq!(before["status"], "succeeded");
+    let slow = s.submit(slow_job());
+    let slow_id = slow["id"].as_str().unwrap().to_string();
+    s.wait_job(&slow_id, "running", |j| j["status"] == "running");
+
+    let s = s.restart();
+    // The finished job is read back from the database, result included.
+    let after = s.job(&done_id);
+    assert_eq!(after["status"], "succeeded");
+    assert_eq!(after["result"], before["result"]);
+    assert_eq!(after["parameters"], before["parameters"]);
+    // The job that was running when its server stopped ends interrupted.
+    let start = std::time::Instant::now();
+    let slow = loop {
+        let j = s.job(&slow_id);
+        if j["status"] != "running" && j["status"] != "queued" {
+            break j;
+        }
+        assert!(start.elapsed().as_secs() < 60, "still {j}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(slow["status"], "failed", "{slow}");
+    assert_eq!(slow["error"]["code"], "interrupted");
+    // Its event stream is one terminal event, and nothing after a resume from it.
+    let events = read_events(s.get(&format!("/v1/images/jobs/{slow_id}/events")));
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].0, "failed");
+    let resumed = s.auth_get_with(&format!("/v1/images/jobs/{done_id}/events"), "last-event-id", "1000000");
+    assert!(read_events(resumed).is_empty());
 }

@@ -14,7 +14,8 @@ use crate::engine::noise::random_seed;
 use crate::engine::pipeline::StableDiffusion;
 use crate::lora::LoraAdapter;
 use crate::rewards::registry::{build_all, RewardModels, RewardSpec};
-use crate::server::AdapterMeta;
+use crate::stores::registry::{name_problem, valid_name};
+use crate::stores::AdapterMeta;
 
 #[derive(clap::Args, Debug)]
 pub struct AlignArgs {
@@ -131,8 +132,8 @@ impl AlignArgs {
 }
 
 pub fn run(args: AlignArgs) -> Result<()> {
-    if !crate::server::adapters::valid_name(&args.name) {
-        bail!(crate::server::adapters::AdapterError::InvalidName(args.name.clone()));
+    if !valid_name(&args.name) {
+        bail!(name_problem(&args.name));
     }
     let out = args.adapters_dir.join(format!("{}.safetensors", args.name));
     if out.exists() && !args.overwrite {

@@ -2,6 +2,7 @@
 //! (image-to-image, inpainting).
 
 pub mod denoise;
+pub mod device;
 pub mod edit;
 pub mod image;
 pub mod noise;

@@ -1,66 +1,35 @@
-//! The adapter registry: the adapters folder, parsed lazily into an LRU cache bounded by
-//! bytes (with pinning), plus validated uploads, deletes and rescans.
+//! The adapters this replica serves: a snapshot of the shared registry (`crate::stores`), kept
+//! current by [`AdapterRegistry::sync`] (run on every change notification and poll), and the
+//! parsed adapters in an LRU cache bounded by bytes (with pinning), keyed by name and sha256.
 //!
-//! Files are `<dir>/<name>.safetensors`, with an optional JSON sidecar `<dir>/<name>.json`
-//! ([`AdapterMeta`]: source, align job id, creation time, base model). Files dropped into the
-//! folder are found on the next list, reload or request that names them; a file changed on disk
-//! is re-parsed on its next use (its size or modification time changed).
+//! A request resolves each adapter once, at submission, to one complete version (its bytes hash
+//! to the registered sha256) and holds it as an `Arc<LoraAdapter>`: replacing, deleting or
+//! evicting an adapter never affects a job that already has it.
 //!
-//! Requests hold an `Arc<LoraAdapter>` from submission on, so replacing, deleting or evicting
-//! an adapter never affects a job that already has it.
+//! Files put into the store by hand (`<name>.safetensors`, optional `<name>.json` sidecar) are
+//! registered by a rescan: on every list and reload, and in a local folder also when a request
+//! names a new or changed file.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use lru::LruCache;
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
-use super::api::{AdapterInfo, AdapterReload, AdapterSource};
+use super::api::{AdapterInfo, AdapterReload};
 use super::error::ApiError;
 use super::model::ModelSlot;
 use crate::engine::pipeline::StableDiffusion;
 use crate::lora::LoraAdapter;
-
-/// The JSON sidecar `<name>.json` next to an adapter file. Unknown keys are kept.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct AdapterMeta {
-    #[serde(default)]
-    pub source: AdapterSource,
-    /// The /align job that wrote the adapter.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub job_id: Option<String>,
-    /// Unix seconds.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub created: Option<u64>,
-    /// Model the adapter was trained on.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub base_model: Option<String>,
-    #[serde(flatten)]
-    pub extra: serde_json::Map<String, serde_json::Value>,
-}
-
-impl AdapterMeta {
-    /// Metadata for an adapter written now by an AlignProp run (/align job `job_id`, or the
-    /// CLI when `None`).
-    pub fn align_job(job_id: Option<String>, base_model: Option<String>) -> Self {
-        Self {
-            source: AdapterSource::AlignJob,
-            job_id,
-            created: Some(unix_now()),
-            base_model,
-            extra: Default::default(),
-        }
-    }
-}
+use crate::stores::blobs::{sha256_hex, BlobStore, FetchError, StagedFile};
+use crate::stores::registry::{name_problem, valid_name, JobGuard, Publish};
+use crate::stores::{AdapterMeta, AdapterRecord, Registry};
 
 /// Registry failures (mapped to HTTP statuses by `From<AdapterError> for ApiError`).
 #[derive(Debug, thiserror::Error)]
 pub enum AdapterError {
-    #[error("invalid adapter name {0:?}: names are 1-64 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit")]
+    #[error("{}", name_problem(.0))]
     InvalidName(String),
     #[error("adapter {0:?} not found")]
     NotFound(String),
@@ -70,6 +39,8 @@ pub enum AdapterError {
     Invalid { name: String, message: String },
     #[error("the model is still loading")]
     ModelNotReady,
+    #[error("the align job no longer owns its run (it was cancelled or declared interrupted)")]
+    JobLost,
     #[error("adapter storage error: {0}")]
     Io(String),
 }
@@ -78,16 +49,18 @@ impl From<AdapterError> for ApiError {
     fn from(e: AdapterError) -> Self {
         let msg = e.to_string();
         match e {
-            AdapterError::InvalidName(_) => {
-                ApiError::invalid("name", msg).code("invalid_adapter_name")
-            }
+            AdapterError::InvalidName(_) => ApiError::invalid("name", msg).code("invalid_adapter_name"),
             AdapterError::NotFound(_) => ApiError::not_found(msg).code("adapter_not_found"),
             AdapterError::Exists(_) => ApiError::conflict(msg).code("adapter_exists"),
             AdapterError::Invalid { .. } => ApiError::bad_request(msg).code("invalid_adapter"),
             AdapterError::ModelNotReady => ApiError::unavailable(msg, 5),
-            AdapterError::Io(_) => ApiError::internal(msg),
+            AdapterError::JobLost | AdapterError::Io(_) => ApiError::internal(msg),
         }
     }
+}
+
+fn io(e: impl std::fmt::Display) -> AdapterError {
+    AdapterError::Io(format!("{e:#}"))
 }
 
 /// What the parsed adapter says about itself.
@@ -123,251 +96,144 @@ pub struct ResolvedAdapter {
     pub sha256: String,
 }
 
-/// Size and modification time: a file whose fingerprint changed is re-read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Fingerprint {
-    len: u64,
-    modified: Option<SystemTime>,
-}
-
-impl Fingerprint {
-    fn of(meta: &std::fs::Metadata) -> Self {
-        Self {
-            len: meta.len(),
-            modified: meta.modified().ok(),
-        }
-    }
-}
-
 struct Entry {
-    fingerprint: Fingerprint,
-    meta: Option<AdapterMeta>,
-    sha256: Option<String>,
+    record: AdapterRecord,
     summary: Option<AdapterSummary>,
     error: Option<String>,
 }
 
 struct Cached {
     adapter: Arc<LoraAdapter>,
-    fingerprint: Fingerprint,
     sha256: String,
     bytes: u64,
 }
 
 struct Inner {
     entries: BTreeMap<String, Entry>,
+    /// Registry revision the snapshot reflects.
+    revision: i64,
     cache: LruCache<String, Cached>,
     cached_bytes: u64,
     pinned: BTreeSet<String>,
+    /// Listing version of each hand-put object when it was last hashed.
+    seen: BTreeMap<String, String>,
 }
 
-/// The adapters folder and its parsed-adapter cache. Methods block (file I/O, parsing): call
-/// them from a blocking thread.
+/// The adapters of this replica. Async methods; parsing and hashing run on blocking threads.
 pub struct AdapterRegistry {
-    dir: PathBuf,
+    registry: Registry,
+    blobs: Arc<BlobStore>,
     model: ModelSlot,
     budget_bytes: u64,
     inner: Mutex<Inner>,
-    /// Serialises writers (upload, register, delete) so that exists-checks hold.
-    write_lock: Mutex<()>,
+    /// Serialises this process's writers (upload, publish, delete, rescan).
+    write_lock: tokio::sync::Mutex<()>,
 }
 
-/// `^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`.
-pub fn valid_name(name: &str) -> bool {
-    let b = name.as_bytes();
-    !b.is_empty()
-        && b.len() <= 64
-        && b[0].is_ascii_alphanumeric()
-        && b.iter()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+/// Parses an adapter file (mapped, so that a large upload is never copied into memory first).
+fn parse_file(model: &StableDiffusion, name: &str, path: &Path) -> Result<LoraAdapter, AdapterError> {
+    let file = std::fs::File::open(path).map_err(io)?;
+    // SAFETY: the files mapped here are sdserve's own staged uploads and cache entries, which
+    // nothing modifies once written.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+    parse_bytes(model, name, &map)
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+fn parse_bytes(model: &StableDiffusion, name: &str, bytes: &[u8]) -> Result<LoraAdapter, AdapterError> {
+    LoraAdapter::from_bytes(bytes, &model.lora_targets, &model.device)
+        .map_err(|e| AdapterError::Invalid { name: name.to_string(), message: format!("{e:#}") })
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
-}
-
-fn io_err(what: &str, path: &Path, e: std::io::Error) -> AdapterError {
-    AdapterError::Io(format!("{what} {}: {e}", path.display()))
-}
-
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so
-/// readers never see a partial file.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AdapterError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let file_name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("adapter");
-    let tmp = dir.join(format!(
-        ".{file_name}.{}.tmp",
-        uuid::Uuid::new_v4().simple()
-    ));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io_err("cannot write", path, e));
-    }
-    Ok(())
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, AdapterError> {
+    tokio::task::spawn_blocking(f).await.map_err(io)
 }
 
 impl AdapterRegistry {
-    /// A registry over `dir` (created if missing) with a cache of `budget_bytes`; `pinned`
-    /// adapters are never evicted. Nothing is parsed until the model is ready.
-    pub fn new(
-        dir: impl Into<PathBuf>,
-        model: ModelSlot,
-        budget_bytes: u64,
-        pinned: &[String],
-    ) -> Self {
-        let dir = dir.into();
-        if let Err(e) = std::fs::create_dir_all(&dir) {
-            tracing::warn!("cannot create adapters folder {}: {e}", dir.display());
-        }
+    /// A registry over the shared registry and blob store, with a cache of `budget_bytes`;
+    /// `pinned` adapters are never evicted. Reads the registry and rescans the store.
+    pub async fn open(registry: Registry, blobs: Arc<BlobStore>, model: ModelSlot, budget_bytes: u64, pinned: &[String]) -> anyhow::Result<Self> {
         let reg = Self {
-            dir,
+            registry,
+            blobs,
             model,
             budget_bytes,
             inner: Mutex::new(Inner {
                 entries: BTreeMap::new(),
+                revision: 0,
                 cache: LruCache::unbounded(),
                 cached_bytes: 0,
                 pinned: pinned.iter().cloned().collect(),
+                seen: BTreeMap::new(),
             }),
-            write_lock: Mutex::new(()),
+            write_lock: tokio::sync::Mutex::new(()),
         };
-        reg.rescan();
-        reg
+        reg.sync().await?;
+        if let Err(e) = reg.rescan().await {
+            tracing::warn!("cannot scan the adapter store {}: {e}", reg.blobs.describe());
+        }
+        Ok(reg)
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    /// Where the adapter `name` lives (whether or not it exists).
-    pub fn path_for(&self, name: &str) -> PathBuf {
-        self.dir.join(format!("{name}.safetensors"))
-    }
-
-    fn sidecar_for(&self, name: &str) -> PathBuf {
-        self.dir.join(format!("{name}.json"))
+    pub fn blobs(&self) -> &BlobStore {
+        &self.blobs
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn read_meta(&self, name: &str) -> Option<AdapterMeta> {
-        let path = self.sidecar_for(name);
-        let text = std::fs::read_to_string(&path).ok()?;
-        match serde_json::from_str(&text) {
-            Ok(m) => Some(m),
-            Err(e) => {
-                tracing::warn!("ignoring malformed adapter sidecar {}: {e}", path.display());
-                None
-            }
-        }
+    fn model(&self) -> Result<Arc<StableDiffusion>, AdapterError> {
+        self.model.get().ok_or(AdapterError::ModelNotReady)
     }
 
-    /// Names and fingerprints of the adapter files on disk.
-    fn list_files(&self) -> BTreeMap<String, Fingerprint> {
-        let mut found = BTreeMap::new();
-        let Ok(read) = std::fs::read_dir(&self.dir) else {
-            return found;
-        };
-        for entry in read.flatten() {
-            let path = entry.path();
-            if path.extension().and_then(|e| e.to_str()) != Some("safetensors") {
-                continue;
-            }
-            let Some(name) = path.file_stem().and_then(|s| s.to_str()) else {
-                continue;
-            };
-            if !valid_name(name) {
-                continue;
-            }
-            if let Ok(meta) = std::fs::metadata(&path) {
-                if meta.is_file() {
-                    found.insert(name.to_string(), Fingerprint::of(&meta));
-                }
-            }
-        }
-        found
-    }
-
-    /// Re-reads the folder: new files are registered, missing ones forgotten, changed ones
-    /// dropped from the cache (re-parsed on next use).
-    pub fn rescan(&self) -> AdapterReload {
-        let files = self.list_files();
-        let mut added = Vec::new();
-        let mut changed = Vec::new();
-        let mut fresh_meta = BTreeMap::new();
-        {
-            let inner = self.lock();
-            for (name, fp) in &files {
-                match inner.entries.get(name) {
-                    None => added.push(name.clone()),
-                    Some(e) if e.fingerprint != *fp => changed.push(name.clone()),
-                    Some(_) => {}
-                }
-            }
-        }
-        for name in added.iter().chain(&changed) {
-            fresh_meta.insert(name.clone(), self.read_meta(name));
-        }
+    /// Applies the registry's changes since the last sync; returns the names that changed.
+    pub async fn sync(&self) -> anyhow::Result<Vec<String>> {
+        let revision = self.lock().revision;
+        let changes = self.registry.changes_since(revision).await?;
+        let mut names = Vec::new();
         let mut inner = self.lock();
-        let removed: Vec<String> = inner
-            .entries
-            .keys()
-            .filter(|n| !files.contains_key(*n))
-            .cloned()
-            .collect();
-        for name in &removed {
-            inner.entries.remove(name);
-            Self::uncache(&mut inner, name);
-        }
-        for (name, fp) in files {
-            let stale = inner.entries.get(&name).is_none_or(|e| e.fingerprint != fp);
-            if stale {
-                let meta = fresh_meta
-                    .remove(&name)
-                    .unwrap_or_else(|| self.read_meta(&name));
-                inner.entries.insert(
-                    name.clone(),
-                    Entry {
-                        fingerprint: fp,
-                        meta,
-                        sha256: None,
-                        summary: None,
-                        error: None,
-                    },
-                );
-                if inner.cache.peek(&name).is_some_and(|c| c.fingerprint != fp) {
-                    Self::uncache(&mut inner, &name);
-                }
+        for (name, record) in changes.changed {
+            if self.apply(&mut inner, &name, record) {
+                names.push(name);
             }
         }
-        let count = inner.entries.len();
-        drop(inner);
-        for name in &added {
-            tracing::info!("adapter {name:?} found in {}", self.dir.display());
+        inner.revision = inner.revision.max(changes.revision);
+        Ok(names)
+    }
+
+    /// Puts a registry record (or a deletion) into the snapshot; false if nothing changed.
+    fn apply(&self, inner: &mut Inner, name: &str, record: Option<AdapterRecord>) -> bool {
+        let old = inner.entries.get(name).map(|e| e.record.clone());
+        match record {
+            Some(r) if old.as_ref().is_some_and(|o| o.revision >= r.revision) => false,
+            Some(r) => {
+                let same_version = old.as_ref().is_some_and(|o| o.sha256 == r.sha256);
+                let entry = inner.entries.entry(name.to_string()).or_insert(Entry { record: r.clone(), summary: None, error: None });
+                entry.record = r;
+                if !same_version {
+                    entry.summary = None;
+                    entry.error = None;
+                    self.forget_version(inner, name, old.as_ref());
+                }
+                true
+            }
+            None => match inner.entries.remove(name) {
+                Some(e) => {
+                    self.forget_version(inner, name, Some(&e.record));
+                    true
+                }
+                None => false,
+            },
         }
-        AdapterReload {
-            count,
-            added,
-            removed,
-            changed,
+    }
+
+    /// Drops the parsed copy and the download of a version that is no longer served.
+    fn forget_version(&self, inner: &mut Inner, name: &str, old: Option<&AdapterRecord>) {
+        Self::uncache(inner, name);
+        if let Some(old) = old {
+            if !inner.entries.values().any(|e| e.record.sha256 == old.sha256) {
+                self.blobs.evict_cached(&old.sha256);
+            }
         }
     }
 
@@ -385,13 +251,7 @@ impl AdapterRegistry {
         inner.cached_bytes += cached.bytes;
         inner.cache.put(name.to_string(), cached);
         while inner.cached_bytes > self.budget_bytes {
-            let victim = inner
-                .cache
-                .iter()
-                .rev()
-                .map(|(k, _)| k)
-                .find(|k| !inner.pinned.contains(*k))
-                .cloned();
+            let victim = inner.cache.iter().rev().map(|(k, _)| k).find(|k| !inner.pinned.contains(*k)).cloned();
             match victim {
                 Some(v) => {
                     tracing::debug!("adapter cache: evicting {v:?}");
@@ -403,126 +263,195 @@ impl AdapterRegistry {
         metrics::gauge!("sdserve_adapter_cache_bytes").set(inner.cached_bytes as f64);
     }
 
-    fn model(&self) -> Result<Arc<StableDiffusion>, AdapterError> {
-        self.model.get().ok_or(AdapterError::ModelNotReady)
-    }
-
-    fn parse(
-        &self,
-        model: &StableDiffusion,
-        name: &str,
-        bytes: &[u8],
-    ) -> Result<LoraAdapter, AdapterError> {
-        LoraAdapter::from_bytes(bytes, &model.lora_targets, &model.device).map_err(|e| {
-            AdapterError::Invalid {
-                name: name.to_string(),
-                message: format!("{e:#}"),
+    /// Registers what was put into the store by hand since the last scan, and forgets
+    /// hand-put adapters that were removed. `only`: look at this one name.
+    async fn scan(&self, only: Option<&str>) -> Result<AdapterReload, AdapterError> {
+        let _w = self.write_lock.lock().await;
+        self.sync().await.map_err(io)?;
+        let listed = match only {
+            None => self.blobs.list_dropped().await.map_err(io)?,
+            Some(name) => self.blobs.stat_dropped(name).await.map_err(io)?.into_iter().collect(),
+        };
+        let mut reload = AdapterReload { count: 0, added: vec![], removed: vec![], changed: vec![] };
+        let listed_names: BTreeSet<&str> = listed.iter().map(|l| l.name.as_str()).collect();
+        let hand_put: Vec<String> = {
+            let inner = self.lock();
+            inner
+                .entries
+                .values()
+                .filter(|e| e.record.blob_key == BlobStore::dropped_key(&e.record.name))
+                .filter(|e| only.is_none_or(|n| n == e.record.name))
+                .map(|e| e.record.name.clone())
+                .collect()
+        };
+        for name in hand_put.iter().filter(|n| !listed_names.contains(n.as_str())) {
+            if self.registry.remove(name).await.map_err(io)?.is_some() {
+                reload.removed.push(name.clone());
             }
-        })
+            self.lock().seen.remove(name);
+        }
+        for l in &listed {
+            let known = {
+                let inner = self.lock();
+                let entry = inner.entries.get(&l.name).map(|e| e.record.clone());
+                match entry {
+                    // A version sdserve wrote elsewhere (a bucket's blobs/) wins over a hand-put object.
+                    Some(r) if r.blob_key != BlobStore::dropped_key(&l.name) => continue,
+                    Some(_) if inner.seen.get(&l.name) == Some(&l.version) => continue,
+                    other => other,
+                }
+            };
+            let key = BlobStore::dropped_key(&l.name);
+            let bytes = match self.blobs.read(&key).await {
+                Ok(b) => b,
+                Err(FetchError::NotFound) => continue,
+                Err(e) => return Err(io(e)),
+            };
+            let sha = blocking(move || sha256_hex(&bytes)).await?;
+            if known.as_ref().is_some_and(|r| r.sha256 == sha) {
+                self.lock().seen.insert(l.name.clone(), l.version.clone());
+                continue;
+            }
+            let meta = self.blobs.read_sidecar(&l.name).await.unwrap_or_default();
+            let record = AdapterRecord { name: l.name.clone(), sha256: sha, blob_key: key, size_bytes: l.size, meta, created_at: 0, updated_at: 0, revision: 0 };
+            match self.registry.publish(&record, true, None).await.map_err(io)? {
+                Publish::Done { stored, .. } => {
+                    let mut inner = self.lock();
+                    self.apply(&mut inner, &l.name, Some(*stored));
+                    inner.seen.insert(l.name.clone(), l.version.clone());
+                }
+                Publish::Exists | Publish::JobLost => unreachable!("overwrite without a job"),
+            }
+            if known.is_some() {
+                reload.changed.push(l.name.clone());
+            } else {
+                tracing::info!("adapter {:?} found in {}", l.name, self.blobs.describe());
+                reload.added.push(l.name.clone());
+            }
+        }
+        self.sync().await.map_err(io)?;
+        reload.count = self.lock().entries.len();
+        Ok(reload)
     }
 
-    /// The parsed adapter `name`, from the cache or the folder (picking up files dropped in
-    /// since the last scan).
-    pub fn resolve(&self, name: &str) -> Result<ResolvedAdapter, AdapterError> {
+    /// Rescans the whole store (see [`Self::scan`]).
+    pub async fn rescan(&self) -> Result<AdapterReload, AdapterError> {
+        self.scan(None).await
+    }
+
+    /// The parsed adapter `name`: from the cache, or fetched (once per replica and version)
+    /// and parsed.
+    pub async fn resolve(&self, name: &str) -> Result<ResolvedAdapter, AdapterError> {
         if !valid_name(name) {
             return Err(AdapterError::NotFound(name.to_string()));
         }
         let model = self.model()?;
-        self.resolve_with(&model, name)
+        self.resolve_with(&model, name).await
     }
 
-    fn resolve_with(
-        &self,
-        model: &StableDiffusion,
-        name: &str,
-    ) -> Result<ResolvedAdapter, AdapterError> {
-        let path = self.path_for(name);
-        let fingerprint = match std::fs::metadata(&path) {
-            Ok(m) if m.is_file() => Fingerprint::of(&m),
-            _ => {
+    async fn resolve_with(&self, model: &Arc<StableDiffusion>, name: &str) -> Result<ResolvedAdapter, AdapterError> {
+        if self.blobs.is_local() {
+            // A file dropped in, changed or removed by hand is seen by the next request.
+            self.scan(Some(name)).await?;
+        } else if !self.lock().entries.contains_key(name) {
+            self.sync().await.map_err(io)?;
+        }
+        for attempt in 0..2 {
+            let record = {
                 let mut inner = self.lock();
-                inner.entries.remove(name);
-                Self::uncache(&mut inner, name);
-                return Err(AdapterError::NotFound(name.to_string()));
-            }
-        };
-        {
-            let mut inner = self.lock();
-            if let Some(c) = inner.cache.get(name) {
-                if c.fingerprint == fingerprint {
-                    let resolved = ResolvedAdapter {
-                        name: name.to_string(),
-                        adapter: c.adapter.clone(),
-                        sha256: c.sha256.clone(),
-                    };
+                let record = inner.entries.get(name).map(|e| e.record.clone()).ok_or_else(|| AdapterError::NotFound(name.to_string()))?;
+                if let Some(c) = inner.cache.get(name).filter(|c| c.sha256 == record.sha256) {
                     metrics::counter!("sdserve_adapter_cache_hits_total").increment(1);
-                    return Ok(resolved);
+                    return Ok(ResolvedAdapter { name: name.to_string(), adapter: c.adapter.clone(), sha256: c.sha256.clone() });
                 }
+                record
+            };
+            metrics::counter!("sdserve_adapter_cache_misses_total").increment(1);
+            match self.load(model, &record).await {
+                Ok(resolved) => return Ok(resolved),
+                // Replaced or removed while we fetched it: take the registry's word again.
+                Err(AdapterError::Io(msg)) if attempt == 0 => {
+                    tracing::debug!("adapter {name:?}: {msg}; re-reading the registry");
+                    self.sync().await.map_err(io)?;
+                    if self.blobs.is_local() {
+                        self.scan(Some(name)).await?;
+                    }
+                }
+                Err(e) => return Err(e),
             }
         }
-        metrics::counter!("sdserve_adapter_cache_misses_total").increment(1);
-        let start = Instant::now();
-        let bytes = std::fs::read(&path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => AdapterError::NotFound(name.to_string()),
-            _ => io_err("cannot read", &path, e),
-        })?;
-        let sha256 = sha256_hex(&bytes);
-        let parsed = self.parse(model, name, &bytes);
-        let meta = self.read_meta(name);
-        let mut inner = self.lock();
-        let entry = Entry {
-            fingerprint,
-            meta,
-            sha256: Some(sha256.clone()),
-            summary: None,
-            error: None,
+        Err(AdapterError::NotFound(name.to_string()))
+    }
+
+    /// Fetches, verifies and parses one version; notes a parse error on its entry.
+    async fn fetch_parse(&self, model: &Arc<StableDiffusion>, record: &AdapterRecord) -> Result<LoraAdapter, AdapterError> {
+        let path = match self.blobs.fetch(&record.blob_key, &record.sha256).await {
+            Ok(p) => p,
+            Err(FetchError::NotFound) => return Err(io(format!("the blob {} is missing", record.blob_key))),
+            Err(e) => return Err(io(e)),
         };
-        inner.entries.insert(name.to_string(), entry);
-        let entry = inner.entries.get_mut(name).expect("just inserted");
-        let adapter = match parsed {
-            Ok(a) => Arc::new(a),
-            Err(e) => {
-                entry.error = Some(e.to_string());
-                return Err(e);
+        let (m, n, sha) = (model.clone(), record.name.clone(), record.sha256.clone());
+        let local = self.blobs.is_local();
+        let parsed = blocking(move || {
+            if local {
+                // A folder file may be rewritten in place by hand: read it, never map it.
+                let bytes = std::fs::read(&path).map_err(io)?;
+                if sha256_hex(&bytes) != sha {
+                    return Err(io("the file changed since it was registered"));
+                }
+                parse_bytes(&m, &n, &bytes)
+            } else {
+                parse_file(&m, &n, &path)
             }
-        };
-        let summary = AdapterSummary::of(&adapter);
-        let bytes_in_memory = summary.memory_bytes.max(1);
-        entry.summary = Some(summary);
-        self.cache_insert(
-            &mut inner,
-            name,
-            Cached {
-                adapter: adapter.clone(),
-                fingerprint,
-                sha256: sha256.clone(),
-                bytes: bytes_in_memory,
-            },
-        );
+        })
+        .await?;
+        let mut inner = self.lock();
+        if let Some(entry) = inner.entries.get_mut(&record.name).filter(|e| e.record.sha256 == record.sha256) {
+            match &parsed {
+                Ok(a) => {
+                    entry.summary = Some(AdapterSummary::of(a));
+                    entry.error = None;
+                }
+                Err(e @ AdapterError::Invalid { .. }) => entry.error = Some(e.to_string()),
+                Err(_) => {}
+            }
+        }
+        parsed
+    }
+
+    /// [`Self::fetch_parse`], then caches the adapter while its version is still the one served.
+    async fn load(&self, model: &Arc<StableDiffusion>, record: &AdapterRecord) -> Result<ResolvedAdapter, AdapterError> {
+        let start = Instant::now();
+        let adapter = Arc::new(self.fetch_parse(model, record).await?);
+        let name = record.name.clone();
+        let bytes = (adapter.size_bytes() as u64).max(1);
+        let mut inner = self.lock();
+        if inner.entries.get(&name).is_some_and(|e| e.record.sha256 == record.sha256) {
+            self.cache_insert(&mut inner, &name, Cached { adapter: adapter.clone(), sha256: record.sha256.clone(), bytes });
+        }
         drop(inner);
         let secs = start.elapsed().as_secs_f64();
         metrics::histogram!("sdserve_adapter_load_seconds").record(secs);
         tracing::info!("adapter {name:?} loaded in {:.1} ms", secs * 1e3);
-        Ok(ResolvedAdapter {
-            name: name.to_string(),
-            adapter,
-            sha256,
-        })
+        Ok(ResolvedAdapter { name, adapter, sha256: record.sha256.clone() })
     }
 
-    /// Whether an adapter of that name exists in the folder.
-    pub fn exists(&self, name: &str) -> bool {
-        valid_name(name) && self.path_for(name).is_file()
+    /// Whether an adapter of that name is registered.
+    pub async fn exists(&self, name: &str) -> bool {
+        if !valid_name(name) {
+            return false;
+        }
+        if self.blobs.is_local() {
+            let _ = self.scan(Some(name)).await;
+        } else {
+            let _ = self.sync().await;
+        }
+        self.lock().entries.contains_key(name)
     }
 
     fn info_locked(&self, inner: &Inner, name: &str) -> Option<AdapterInfo> {
         let e = inner.entries.get(name)?;
-        let meta = e.meta.clone().unwrap_or_default();
-        let mtime = e
-            .fingerprint
-            .modified
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map(|d| d.as_secs());
+        let r = &e.record;
         let s = e.summary.as_ref();
         Some(AdapterInfo {
             name: name.to_string(),
@@ -532,228 +461,166 @@ impl AdapterRegistry {
             alpha: s.and_then(|s| s.alpha),
             target_modules: s.map(|s| s.target_modules.clone()).unwrap_or_default(),
             num_params: s.map(|s| s.num_params),
-            size_bytes: e.fingerprint.len,
-            sha256: e.sha256.clone(),
-            source: meta.source,
-            job_id: meta.job_id,
-            base_model: meta.base_model,
-            created: meta.created.or(mtime).unwrap_or(0),
-            loaded: inner
-                .cache
-                .peek(name)
-                .is_some_and(|c| c.fingerprint == e.fingerprint),
+            size_bytes: r.size_bytes,
+            sha256: Some(r.sha256.clone()),
+            source: r.meta.source,
+            job_id: r.meta.job_id.clone(),
+            base_model: r.meta.base_model.clone(),
+            created: r.meta.created.unwrap_or(r.created_at),
+            loaded: inner.cache.peek(name).is_some_and(|c| c.sha256 == r.sha256),
             pinned: inner.pinned.contains(name),
             error: e.error.clone(),
         })
     }
 
-    /// Fills in hash and summary of the entries that lack them (reads and parses the file
-    /// without caching it).
-    fn describe(&self, name: &str) {
-        let (need_hash, need_summary, fingerprint) = {
+    /// Fills in the summary of an entry that lacks one (parses without caching).
+    async fn describe(&self, name: &str) {
+        let Some(model) = self.model.get() else { return };
+        let record = {
             let inner = self.lock();
-            let Some(e) = inner.entries.get(name) else {
-                return;
-            };
-            let cached = inner
-                .cache
-                .peek(name)
-                .filter(|c| c.fingerprint == e.fingerprint);
-            (
-                e.sha256.is_none(),
-                e.summary.is_none()
-                    && e.error.is_none()
-                    && cached.is_none()
-                    && self.model.get().is_some(),
-                e.fingerprint,
-            )
-        };
-        if !need_hash && !need_summary {
-            return;
-        }
-        let Ok(bytes) = std::fs::read(self.path_for(name)) else {
-            return;
-        };
-        let sha = sha256_hex(&bytes);
-        let parsed = if need_summary {
-            self.model
-                .get()
-                .map(|m| self.parse(&m, name, &bytes).map(|a| AdapterSummary::of(&a)))
-        } else {
-            None
-        };
-        let mut inner = self.lock();
-        if let Some(e) = inner
-            .entries
-            .get_mut(name)
-            .filter(|e| e.fingerprint == fingerprint)
-        {
-            e.sha256 = Some(sha);
-            match parsed {
-                Some(Ok(s)) => e.summary = Some(s),
-                Some(Err(err)) => e.error = Some(err.to_string()),
-                None => {}
+            match inner.entries.get(name) {
+                Some(e) if e.summary.is_none() && e.error.is_none() => e.record.clone(),
+                _ => return,
             }
+        };
+        if let Err(e @ AdapterError::Io(_)) = self.fetch_parse(&model, &record).await {
+            tracing::warn!("cannot describe adapter {name:?}: {e}");
         }
     }
 
-    /// Every adapter in the folder (rescans first).
-    pub fn list(&self) -> Vec<AdapterInfo> {
-        self.rescan();
+    /// Every adapter (rescans first).
+    pub async fn list(&self) -> Result<Vec<AdapterInfo>, AdapterError> {
+        self.rescan().await?;
         let names: Vec<String> = self.lock().entries.keys().cloned().collect();
         for name in &names {
-            self.describe(name);
+            self.describe(name).await;
         }
         let inner = self.lock();
-        names
-            .iter()
-            .filter_map(|n| self.info_locked(&inner, n))
-            .collect()
+        Ok(names.iter().filter_map(|n| self.info_locked(&inner, n)).collect())
     }
 
-    /// One adapter (rescans it first).
-    pub fn info(&self, name: &str) -> Result<AdapterInfo, AdapterError> {
-        if !self.exists(name) {
+    /// One adapter.
+    pub async fn info(&self, name: &str) -> Result<AdapterInfo, AdapterError> {
+        if !self.exists(name).await {
             return Err(AdapterError::NotFound(name.to_string()));
         }
-        self.rescan();
-        self.describe(name);
-        self.info_locked(&self.lock(), name)
-            .ok_or_else(|| AdapterError::NotFound(name.to_string()))
+        self.describe(name).await;
+        self.info_locked(&self.lock(), name).ok_or_else(|| AdapterError::NotFound(name.to_string()))
     }
 
-    /// Validates `bytes` against the model, then writes `<name>.safetensors` atomically (and the
-    /// sidecar when `meta` is given, removing a stale one otherwise) and caches the parsed
-    /// adapter. Returns the new info and whether the name is new.
-    pub fn install(
+    /// Validates a staged file against the model, uploads it and registers it as the new
+    /// version of `name` (with `job`: as the result of that /align job, in the same commit).
+    /// Returns the new info and whether the name is new.
+    pub async fn install(
         &self,
         name: &str,
-        bytes: &[u8],
+        staged: StagedFile,
         meta: Option<AdapterMeta>,
         overwrite: bool,
+        job: Option<&JobGuard<'_>>,
     ) -> Result<(AdapterInfo, bool), AdapterError> {
         if !valid_name(name) {
             return Err(AdapterError::InvalidName(name.to_string()));
         }
-        let _w = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let path = self.path_for(name);
-        let existed = path.exists();
-        if existed && !overwrite {
+        let _w = self.write_lock.lock().await;
+        self.sync().await.map_err(io)?;
+        if !overwrite && self.lock().entries.contains_key(name) {
             return Err(AdapterError::Exists(name.to_string()));
         }
         let model = self.model()?;
-        let adapter = Arc::new(self.parse(&model, name, bytes)?);
-        let sha256 = sha256_hex(bytes);
-        std::fs::create_dir_all(&self.dir).map_err(|e| io_err("cannot create", &self.dir, e))?;
-        write_atomic(&path, bytes)?;
-        let sidecar = self.sidecar_for(name);
-        match &meta {
-            Some(m) => write_atomic(
-                &sidecar,
-                &serde_json::to_vec_pretty(m).expect("serialisable"),
-            )?,
-            None if sidecar.exists() => {
-                std::fs::remove_file(&sidecar).map_err(|e| io_err("cannot remove", &sidecar, e))?
+        let staged = Arc::new(staged);
+        let (m, n, s) = (model.clone(), name.to_string(), staged.clone());
+        let adapter = Arc::new(blocking(move || parse_file(&m, &n, &s.path)).await??);
+        let pending = self.blobs.upload(name, &staged).await.map_err(io)?;
+        let record = AdapterRecord {
+            name: name.to_string(),
+            sha256: staged.sha256.clone(),
+            blob_key: pending.key.clone(),
+            size_bytes: staged.size,
+            meta: meta.clone().unwrap_or_default(),
+            created_at: 0,
+            updated_at: 0,
+            revision: 0,
+        };
+        let (stored, old) = match self.registry.publish(&record, overwrite, job).await {
+            Ok(Publish::Done { stored, old }) => (*stored, old),
+            other => {
+                self.blobs.abort(&pending).await;
+                return Err(match other {
+                    Ok(Publish::Exists) => AdapterError::Exists(name.to_string()),
+                    Ok(Publish::JobLost) => AdapterError::JobLost,
+                    Err(e) => io(e),
+                    Ok(Publish::Done { .. }) => unreachable!(),
+                });
             }
-            None => {}
+        };
+        self.blobs.commit(&pending).await.map_err(io)?;
+        self.blobs.write_sidecar(name, meta.as_ref()).await.map_err(io)?;
+        if let Some(old) = old.as_ref().filter(|o| o.blob_key != stored.blob_key) {
+            self.delete_blob_if_unused(&old.blob_key).await;
         }
-        let fingerprint = Fingerprint::of(
-            &std::fs::metadata(&path).map_err(|e| io_err("cannot stat", &path, e))?,
-        );
         let summary = AdapterSummary::of(&adapter);
-        let memory = summary.memory_bytes.max(1);
+        let bytes = summary.memory_bytes.max(1);
         let mut inner = self.lock();
-        inner.entries.insert(
-            name.to_string(),
-            Entry {
-                fingerprint,
-                meta,
-                sha256: Some(sha256.clone()),
-                summary: Some(summary),
-                error: None,
-            },
-        );
-        self.cache_insert(
-            &mut inner,
-            name,
-            Cached {
-                adapter,
-                fingerprint,
-                sha256,
-                bytes: memory,
-            },
-        );
+        if self.blobs.is_local() {
+            // Our own write: no need to hash it again on the next scan.
+            inner.seen.remove(name);
+        }
+        self.apply(&mut inner, name, Some(stored.clone()));
+        if let Some(entry) = inner.entries.get_mut(name) {
+            entry.summary = Some(summary);
+        }
+        self.cache_insert(&mut inner, name, Cached { adapter, sha256: stored.sha256.clone(), bytes });
         let info = self.info_locked(&inner, name).expect("just inserted");
-        tracing::info!(
-            "adapter {name:?} {}",
-            if existed { "replaced" } else { "added" }
-        );
-        Ok((info, !existed))
+        tracing::info!("adapter {name:?} {}", if old.is_some() { "replaced" } else { "added" });
+        Ok((info, old.is_none()))
     }
 
-    /// Registers an adapter file already written to [`Self::path_for`]`(name)` (e.g. by an
-    /// /align job): writes the sidecar, validates the file against the model and caches it.
-    pub fn register(&self, name: &str, meta: AdapterMeta) -> Result<AdapterInfo, AdapterError> {
-        if !valid_name(name) {
-            return Err(AdapterError::InvalidName(name.to_string()));
-        }
-        {
-            let _w = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-            if !self.path_for(name).is_file() {
-                return Err(AdapterError::NotFound(name.to_string()));
+    async fn delete_blob_if_unused(&self, key: &str) {
+        match self.registry.blob_in_use(key).await {
+            Ok(false) => {
+                if let Err(e) = self.blobs.delete(key).await {
+                    tracing::warn!("{e:#}");
+                }
             }
-            write_atomic(
-                &self.sidecar_for(name),
-                &serde_json::to_vec_pretty(&meta).expect("serialisable"),
-            )?;
-            let mut inner = self.lock();
-            inner.entries.remove(name);
-            Self::uncache(&mut inner, name);
+            Ok(true) => {}
+            Err(e) => tracing::warn!("cannot check whether {key} is still used: {e:#}"),
         }
-        self.rescan();
-        self.resolve(name)?;
-        self.info(name)
     }
 
-    /// Removes the adapter's file and sidecar and drops it from the cache. Jobs holding it
-    /// keep their copy.
-    pub fn delete(&self, name: &str) -> Result<(), AdapterError> {
+    /// Removes the adapter from the registry and its blob (and sidecar) from the store. Jobs
+    /// holding it keep their copy.
+    pub async fn delete(&self, name: &str) -> Result<(), AdapterError> {
         if !valid_name(name) {
             return Err(AdapterError::NotFound(name.to_string()));
         }
-        let _w = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let path = self.path_for(name);
-        let result = std::fs::remove_file(&path);
-        let mut inner = self.lock();
-        inner.entries.remove(name);
-        Self::uncache(&mut inner, name);
-        inner.pinned.remove(name);
-        drop(inner);
-        match result {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(AdapterError::NotFound(name.to_string()))
-            }
-            Err(e) => return Err(io_err("cannot remove", &path, e)),
+        if self.blobs.is_local() {
+            self.scan(Some(name)).await?;
         }
-        let sidecar = self.sidecar_for(name);
-        if sidecar.exists() {
-            let _ = std::fs::remove_file(&sidecar);
+        let _w = self.write_lock.lock().await;
+        let old = self.registry.remove(name).await.map_err(io)?.ok_or_else(|| AdapterError::NotFound(name.to_string()))?;
+        {
+            let mut inner = self.lock();
+            self.apply(&mut inner, name, None);
+            inner.pinned.remove(name);
+            inner.seen.remove(name);
         }
+        self.delete_blob_if_unused(&old.blob_key).await;
+        self.blobs.write_sidecar(name, None).await.map_err(io)?;
         tracing::info!("adapter {name:?} deleted");
         Ok(())
     }
 
     /// Parses and caches the pinned adapters with `model` (called once it has loaded, before
     /// the server reports ready).
-    pub fn preload_pinned(&self, model: &StableDiffusion) {
+    pub async fn preload_pinned(&self, model: &Arc<StableDiffusion>) {
         let pinned: Vec<String> = self.lock().pinned.iter().cloned().collect();
         for name in pinned {
             if !valid_name(&name) {
                 tracing::warn!("pinned adapter {name:?}: invalid name");
                 continue;
             }
-            if let Err(e) = self.resolve_with(model, &name) {
+            if let Err(e) = self.resolve_with(model, &name).await {
                 tracing::warn!("pinned adapter {name:?} not loaded: {e}");
             }
         }

@@ -373,6 +373,10 @@ pub enum JobStatus {
 }
 
 impl JobStatus {
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Queued, Self::Running, Self::Succeeded, Self::Failed, Self::Cancelled].into_iter().find(|v| v.as_str() == s)
+    }
+
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
@@ -463,16 +467,7 @@ pub struct ImageJobStreamEvent {
 // ---------------------------------------------------------------------------------------------
 // Adapters
 
-/// Where an adapter came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum AdapterSource {
-    /// A file in the adapters folder or an upload.
-    #[default]
-    File,
-    /// Written by an /align fine-tuning job.
-    AlignJob,
-}
+pub use crate::stores::AdapterSource;
 
 /// An adapter of the adapters folder.
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
@@ -609,6 +604,10 @@ pub struct Readiness {
     /// Jobs running.
     pub running: usize,
     pub workers: usize,
+    /// `all`, `api` or `trainer`.
+    pub role: String,
+    /// This process's id in the deployment.
+    pub instance: String,
 }
 
 /// A `.safetensors` file sent as the raw request body (schema: a binary string).

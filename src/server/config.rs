@@ -3,7 +3,8 @@
 
 use std::path::PathBuf;
 
-use crate::cli::DeviceArgs;
+use crate::engine::device::DeviceArgs;
+use crate::stores::StoreArgs;
 
 pub const DEFAULT_HOST: &str = "127.0.0.1";
 pub const DEFAULT_PORT: u16 = 8080;
@@ -27,10 +28,12 @@ pub struct ServerConfig {
     /// Model id reported by /v1/models and in responses (default: the model folder's name).
     #[arg(long, env = "SDSERVE_MODEL_ID")]
     pub model_id: Option<String>,
-    /// Folder of LoRA adapters (`<name>.safetensors` plus optional `<name>.json` sidecars).
+    /// Folder of LoRA adapters (`<name>.safetensors` plus optional `<name>.json` sidecars), the
+    /// adapter store unless `--adapter-store` names a bucket.
     #[arg(long, env = "SDSERVE_ADAPTERS_DIR", default_value = DEFAULT_ADAPTERS_DIR)]
     pub adapters_dir: PathBuf,
-    /// Folder for job records.
+    /// Folder of the default SQLite database (job records, adapter registry) and of the
+    /// adapter download cache.
     #[arg(long, env = "SDSERVE_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
     /// Require `Authorization: Bearer <key>` on every endpoint except /health, /ready,
@@ -81,6 +84,42 @@ pub struct ServerConfig {
     pub reward_models: PathBuf,
     #[command(flatten)]
     pub device: DeviceArgs,
+    /// What this process does: `all` (serve and train, the default), `api` (serve; /align jobs
+    /// wait in the shared queue for a trainer) or `trainer` (run /align jobs; only the probes
+    /// and /metrics over HTTP).
+    #[arg(long, env = "SDSERVE_ROLE", value_enum, default_value_t = Role::All)]
+    pub role: Role,
+    #[command(flatten)]
+    pub stores: StoreArgs,
+}
+
+/// The part a process plays in a deployment.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Role {
+    #[default]
+    All,
+    Api,
+    Trainer,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::All => "all",
+            Role::Api => "api",
+            Role::Trainer => "trainer",
+        }
+    }
+
+    /// Serves the image and adapter API (and accepts /align jobs).
+    pub fn serves(self) -> bool {
+        self != Role::Trainer
+    }
+
+    /// Runs /align jobs.
+    pub fn trains(self) -> bool {
+        self != Role::Api
+    }
 }
 
 /// Request limits; a request beyond them gets a 400.
@@ -184,6 +223,8 @@ impl Default for ServerConfig {
                 cuda: false,
                 dtype: "f32".into(),
             },
+            role: Role::All,
+            stores: StoreArgs::default(),
         }
     }
 }
@@ -232,6 +273,7 @@ impl ServerConfig {
             .default_scheduler
             .parse::<crate::engine::scheduler::SchedulerKind>()
             .map_err(|e| anyhow::anyhow!("--default-scheduler: {e}"))?;
+        self.stores.validate()?;
         if let Some(key) = &self.api_key {
             anyhow::ensure!(!key.is_empty(), "--api-key must not be empty");
         }

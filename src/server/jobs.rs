@@ -3,12 +3,14 @@
 //! A job is created with fully resolved parameters (seeds drawn, adapters parsed and held),
 //! waits in a FIFO of bounded capacity, runs on a worker thread and ends `succeeded`,
 //! `failed` or `cancelled`. Every state change bumps a `watch` channel, which the sync
-//! endpoint and the SSE stream wait on. Finished jobs are kept for polling, up to a bound.
+//! endpoint and the SSE stream wait on. Async (retained) jobs are also written to the shared
+//! image job table (`crate::stores::image_jobs`), so that other replicas can read and cancel
+//! them and they outlive the process; finished ones are kept up to a bound.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 use tokio::sync::watch;
@@ -20,13 +22,21 @@ use super::api::{
 use crate::engine::edit::first_step;
 use crate::engine::image::OutputFormat;
 use crate::engine::scheduler::SchedulerKind;
+use crate::stores::image_jobs::{ImageJobRecord, ImageJobStore};
+pub use crate::stores::unix_now;
 
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+/// Writes a retained job's states to the shared table, in the background (progress at most
+/// a few times a second; the version guard keeps late writes from undoing newer ones).
+struct Persist {
+    store: ImageJobStore,
+    owner: Arc<str>,
+    history: usize,
+    rt: tokio::runtime::Handle,
+    last_progress: Mutex<Option<Instant>>,
 }
+
+/// Shortest interval between two progress writes of a job.
+const PROGRESS_WRITE_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Everything a worker needs to run a job.
 #[derive(Clone)]
@@ -95,8 +105,9 @@ pub struct Job {
     pub retained: bool,
     cancel: AtomicBool,
     state: Mutex<JobState>,
-    /// Bumped on every change (state or queue position).
+    /// Bumped on every change (state or queue position); also the job's SSE event id.
     version: watch::Sender<u64>,
+    persist: Option<Arc<Persist>>,
 }
 
 /// The terminal outcome of a job as seen by a waiter.
@@ -127,7 +138,55 @@ impl Job {
                 enqueued: Instant::now(),
             }),
             version: watch::channel(0).0,
+            persist: None,
         })
+    }
+
+    /// The job as the shared table stores it.
+    pub fn record(&self, owner: &str) -> ImageJobRecord {
+        let s = self.lock().clone();
+        ImageJobRecord {
+            id: self.id.clone(),
+            status: s.status.as_str().into(),
+            created_at: self.created,
+            started_at: s.started_at,
+            finished_at: s.finished_at,
+            owner: owner.to_string(),
+            cancel_requested: self.cancel_requested(),
+            version: *self.version.borrow(),
+            step: s.step,
+            total_steps: s.total_steps,
+            images_done: s.images_done,
+            parameters: serde_json::to_string(&self.spec.parameters).expect("serialisable"),
+            result: s.result.as_deref().map(|r| serde_json::to_string(r).expect("serialisable")),
+            error: s.error.map(|e| (e.code, e.message)),
+        }
+    }
+
+    /// Writes the current state to the shared table (`force`: also when a progress write was
+    /// made a moment ago). Terminal states also prune old finished jobs.
+    fn persist(&self, force: bool) {
+        let Some(p) = &self.persist else { return };
+        if !force {
+            let mut last = p.last_progress.lock().unwrap_or_else(|e| e.into_inner());
+            if last.is_some_and(|t| t.elapsed() < PROGRESS_WRITE_INTERVAL) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let record = self.record(&p.owner);
+        let terminal = self.status().is_terminal();
+        let p = p.clone();
+        p.rt.clone().spawn(async move {
+            if let Err(e) = p.store.update(&record).await {
+                tracing::warn!(job = %record.id, "cannot save the job's state: {e:#}");
+            }
+            if terminal {
+                if let Err(e) = p.store.prune(p.history).await {
+                    tracing::warn!("cannot prune finished image jobs: {e:#}");
+                }
+            }
+        });
     }
 
     fn lock(&self) -> MutexGuard<'_, JobState> {
@@ -164,6 +223,7 @@ impl Job {
             .record(s.enqueued.elapsed().as_secs_f64());
         drop(s);
         self.bump();
+        self.persist(true);
         true
     }
 
@@ -176,6 +236,7 @@ impl Job {
         s.images_done = image as u32;
         drop(s);
         self.bump();
+        self.persist(false);
     }
 
     pub(crate) fn finish(&self, outcome: Result<ImagesResponse, JobError>) {
@@ -203,6 +264,7 @@ impl Job {
         metrics::counter!("sdserve_image_jobs_total", "status" => s.status.as_str()).increment(1);
         drop(s);
         self.bump();
+        self.persist(true);
     }
 
     fn cancel_error() -> JobError {
@@ -284,6 +346,37 @@ impl Job {
     }
 }
 
+/// The API view of a stored job (one another replica owns, or one from before a restart).
+pub fn view_record(r: &ImageJobRecord, with_result: bool) -> anyhow::Result<ImageJob> {
+    let status = JobStatus::parse(&r.status).ok_or_else(|| anyhow::anyhow!("unknown job status {:?}", r.status))?;
+    let base = format!("/v1/images/jobs/{}", r.id);
+    Ok(ImageJob {
+        id: r.id.clone(),
+        object: "image.job".into(),
+        status,
+        created: r.created_at,
+        started_at: r.started_at,
+        finished_at: r.finished_at,
+        queue_position: None,
+        cancel_requested: r.cancel_requested && status == JobStatus::Running,
+        progress: JobProgress {
+            step: r.step,
+            total_steps: r.total_steps,
+            fraction: if r.total_steps == 0 { 0.0 } else { r.step as f64 / r.total_steps as f64 },
+            images_done: r.images_done,
+        },
+        parameters: serde_json::from_str(&r.parameters)?,
+        result: match (&r.result, with_result) {
+            (Some(json), true) => Some(serde_json::from_str(json)?),
+            _ => None,
+        },
+        error: r.error.clone().map(|(code, message)| JobError { code, message }),
+        poll_url: base.clone(),
+        events_url: format!("{base}/events"),
+        cancel_url: format!("{base}/cancel"),
+    })
+}
+
 /// Why a submission was refused.
 pub enum SubmitError {
     /// The queue is full; retry after this many seconds.
@@ -324,10 +417,14 @@ pub struct JobQueue {
     store: Mutex<Store>,
     /// Moving average of job seconds, for Retry-After.
     avg_job_secs: Mutex<f64>,
+    records: ImageJobStore,
+    /// This process's instance id: the owner of its jobs.
+    owner: Arc<str>,
 }
 
 impl JobQueue {
-    pub fn new(capacity: usize, workers: usize, history: usize) -> Self {
+    /// Must be called inside a tokio runtime (retained jobs are saved on it).
+    pub fn new(capacity: usize, workers: usize, history: usize, records: ImageJobStore, owner: Arc<str>) -> Self {
         Self {
             capacity,
             workers: workers.max(1),
@@ -343,7 +440,40 @@ impl JobQueue {
                 finished: VecDeque::new(),
             }),
             avg_job_secs: Mutex::new(5.0),
+            records,
+            owner,
         }
+    }
+
+    /// This process's instance id.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// The shared image job table.
+    pub fn records(&self) -> &ImageJobStore {
+        &self.records
+    }
+
+    /// Saves a new retained job's first state; from then on its changes are saved as they
+    /// happen. Call before [`Self::submit`].
+    pub async fn save_new(&self, job: &mut Arc<Job>) -> anyhow::Result<()> {
+        let record = job.record(&self.owner);
+        self.records.insert(&record).await?;
+        let persist = Arc::new(Persist {
+            store: self.records.clone(),
+            owner: self.owner.clone(),
+            history: self.history,
+            rt: tokio::runtime::Handle::current(),
+            last_progress: Mutex::new(None),
+        });
+        Arc::get_mut(job).expect("a new job has one owner").persist = Some(persist);
+        Ok(())
+    }
+
+    /// Ids of the retained jobs this process holds that have not ended.
+    pub fn live_ids(&self) -> Vec<String> {
+        self.s().jobs.values().filter(|j| j.retained && !j.status().is_terminal()).map(|j| j.id.clone()).collect()
     }
 
     fn q(&self) -> MutexGuard<'_, QueueInner> {

@@ -9,12 +9,15 @@
 //! - [`params`]: request validation into a [`jobs::JobSpec`]; [`edit_form`] and
 //!   [`edit_params`]: the multipart form of image edits and its validation.
 //! - [`jobs`]: jobs and the bounded queue; [`worker`]: the generation threads.
-//! - [`adapters`]: the adapters folder and its LRU cache.
+//! - [`adapters`]: the adapters this replica serves (a snapshot of the shared registry) and
+//!   their LRU cache; [`sync`]: the background tasks that keep this process in step with the
+//!   others (heartbeat, registry changes, remote cancels, ending dead processes' jobs).
 //! - [`model`]: the model, loaded in the background; [`state`]: what handlers share.
 //! - [`routes`]: handlers and the router; [`auth`], [`metrics`]: middleware; [`openapi`]: the
 //!   document; [`http`]: the connections (timeouts, protocol errors, graceful shutdown).
+//! - [`align`]: the /align trainers (roles `all` and `trainer`).
 //!
-//! - [`align`]: the /align job runner (training on the served model into adapters/).
+//! Shared state (jobs, the adapter registry, blobs) lives in `crate::stores`.
 //!
 //! Start it with [`serve`], or [`Server::bind`] + [`Server::run_until`] to learn the bound
 //! address first, or [`spawn`] for a server on its own runtime thread (tests, benches).
@@ -36,6 +39,7 @@ pub mod openapi;
 pub mod params;
 pub mod routes;
 pub mod state;
+pub mod sync;
 pub mod worker;
 
 use std::future::Future;
@@ -46,8 +50,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use axum::Router;
 
-pub use adapters::{AdapterMeta, AdapterRegistry};
-pub use config::ServerConfig;
+pub use adapters::AdapterRegistry;
+pub use config::{Role, ServerConfig};
+pub use crate::stores::AdapterMeta;
 pub use error::ApiError;
 pub use model::{ModelSlot, ModelStatus};
 pub use state::AppState;
@@ -76,7 +81,8 @@ impl Server {
         }
         let host = config.host.clone();
         let port = config.port;
-        let state = AppState::new(config)?;
+        let state = AppState::new(config).await?;
+        sync::start(&state);
         let router = routes::app(state.clone())?;
         let listener = tokio::net::TcpListener::bind((host.as_str(), port))
             .await
@@ -125,14 +131,16 @@ impl Server {
             () = http::serve(self.listener, self.router, timeouts, shutdown) => Ok(()),
             e = model_failed => Err(anyhow::anyhow!("cannot load the model: {e}")),
         };
+        state.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
         state.jobs.close();
-        state.align.close();
+        sync::leave(&state).await;
         result
     }
 }
 
 fn start_loading(state: &AppState) {
     let state = state.clone();
+    let rt = tokio::runtime::Handle::current();
     std::thread::Builder::new()
         .name("sdserve-load".into())
         .spawn(move || {
@@ -151,10 +159,14 @@ fn start_loading(state: &AppState) {
                         state.model_id,
                         start.elapsed().as_secs_f64()
                     );
-                    state.adapters.preload_pinned(&sd);
-                    worker::spawn_workers(cfg.workers, state.jobs.clone(), sd.clone());
+                    if cfg.role.serves() {
+                        rt.block_on(state.adapters.preload_pinned(&sd));
+                        worker::spawn_workers(cfg.workers, state.jobs.clone(), sd.clone());
+                    }
                     state.model.set(ModelStatus::Ready(sd));
-                    align::start(&state);
+                    if cfg.role.trains() {
+                        align::start(&state, &rt);
+                    }
                 }
                 Err(e) => {
                     tracing::error!("cannot load the model from {}: {e:#}", cfg.model.display());
@@ -190,7 +202,7 @@ async fn shutdown_signal() {
 /// Binds and serves until Ctrl-C / SIGTERM.
 pub async fn serve(config: ServerConfig) -> Result<()> {
     let server = Server::bind(config).await?;
-    tracing::info!("listening on http://{} (docs at /docs)", server.addr());
+    tracing::info!("{} listening on http://{} (docs at /docs)", server.state.instance_id, server.addr());
     server.run().await
 }
 
@@ -198,6 +210,7 @@ pub async fn serve(config: ServerConfig) -> Result<()> {
 pub struct BackgroundServer {
     pub addr: SocketAddr,
     pub state: AppState,
+    rt: tokio::runtime::Handle,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -205,6 +218,12 @@ impl BackgroundServer {
     /// `http://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Runs a future on the server's runtime (the state's database pool lives there); call it
+    /// from outside any runtime.
+    pub fn block_on<F: Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
     }
 
     /// Blocks until the model is loaded (or `timeout` passes).
@@ -258,7 +277,8 @@ pub fn spawn(config: ServerConfig) -> Result<BackgroundServer> {
                     }
                 };
                 let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-                let _ = tx.send(Ok((server.addr(), server.state().clone(), stop_tx)));
+                let rt = tokio::runtime::Handle::current();
+                let _ = tx.send(Ok((server.addr(), server.state().clone(), rt, stop_tx)));
                 if let Err(e) = server
                     .run_until(async move {
                         let _ = stop_rx.await;
@@ -269,10 +289,11 @@ pub fn spawn(config: ServerConfig) -> Result<BackgroundServer> {
                 }
             });
         })?;
-    let (addr, state, stop) = rx.recv().context("the server thread died")??;
+    let (addr, state, rt, stop) = rx.recv().context("the server thread died")??;
     Ok(BackgroundServer {
         addr,
         state,
+        rt,
         stop: Some(stop),
     })
 }

@@ -174,7 +174,7 @@ pub fn validate(
                 format!("adapter weight must be in -10..=10, got {}", l.weight),
             ));
         }
-        if !super::adapters::valid_name(&l.name) {
+        if !crate::stores::registry::valid_name(&l.name) {
             return Err(ApiError::invalid(
                 &format!("loras[{i}].name"),
                 format!("invalid adapter name {:?}", l.name),
@@ -227,21 +227,31 @@ pub fn validate(
 }
 
 /// Resolves the requested adapters into the spec (blocking: may read and parse files).
-pub fn resolve_loras(registry: &AdapterRegistry, v: Validated) -> Result<JobSpec, ApiError> {
+pub async fn resolve_loras(registry: &AdapterRegistry, v: Validated) -> Result<JobSpec, ApiError> {
     let Validated {
         mut spec,
         lora_names,
     } = v;
+    // One version per adapter for the whole request, even if it names one twice.
+    let mut resolved: Vec<(String, crate::server::adapters::ResolvedAdapter)> = Vec::new();
     for (i, (name, weight)) in lora_names.into_iter().enumerate() {
-        let resolved = registry
-            .resolve(&name)
-            .map_err(|e| ApiError::from(e).param(format!("loras[{i}].name")))?;
+        let adapter = match resolved.iter().find(|(n, _)| *n == name) {
+            Some((_, a)) => a.clone(),
+            None => {
+                let a = registry
+                    .resolve(&name)
+                    .await
+                    .map_err(|e| ApiError::from(e).param(format!("loras[{i}].name")))?;
+                resolved.push((name.clone(), a.clone()));
+                a
+            }
+        };
         spec.parameters.loras.push(AppliedLora {
             name: name.clone(),
             weight,
-            sha256: resolved.sha256.clone(),
+            sha256: adapter.sha256.clone(),
         });
-        spec.loras.push((resolved, weight));
+        spec.loras.push((adapter, weight));
     }
     Ok(spec)
 }

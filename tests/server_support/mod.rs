@@ -33,7 +33,9 @@ pub struct TestServer {
 
 impl Drop for TestServer {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.root);
+        if !self.root.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
     }
 }
 
@@ -54,6 +56,11 @@ pub fn start(customize: impl FnOnce(&mut ServerConfig)) -> TestServer {
     config.data_dir = root.join("data");
     config.defaults.default_steps = 2;
     customize(&mut config);
+    start_with(root, config)
+}
+
+fn start_with(root: PathBuf, config: ServerConfig) -> TestServer {
+    let adapters_dir = config.adapters_dir.clone();
     let key = config.api_key.clone();
     let server = sdserve::server::spawn(config).expect("server starts");
     server
@@ -73,6 +80,14 @@ pub fn start(customize: impl FnOnce(&mut ServerConfig)) -> TestServer {
 }
 
 impl TestServer {
+    /// Stops this server and starts a new one on the same folders and database.
+    pub fn restart(mut self) -> TestServer {
+        let root = std::mem::take(&mut self.root);
+        let config = (*self.server.state.config).clone();
+        drop(self);
+        start_with(root, config)
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.server.url())
     }
@@ -82,6 +97,11 @@ impl TestServer {
             Some(k) => rb.bearer_auth(k),
             None => rb,
         }
+    }
+
+    /// GET with one extra header.
+    pub fn auth_get_with(&self, path: &str, header: &str, value: &str) -> Response {
+        self.auth(self.client.get(self.url(path))).header(header, value).send().unwrap()
     }
 
     pub fn get(&self, path: &str) -> Response {

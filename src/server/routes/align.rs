@@ -3,7 +3,6 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -12,17 +11,19 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream::{self, Stream};
 use serde::{Deserialize, Serialize};
-use tokio::sync::broadcast::error::RecvError;
 use utoipa::{IntoParams, ToSchema};
 
-use crate::align::jobs::{AlignEvent, AlignJob, AlignJobs, CancelError};
+use super::events::{last_event_id, next_change};
+use crate::align::jobs::{AlignEvent, AlignJob};
 use crate::align::request::{AlignLimits, AlignRequest};
 use crate::engine::noise::random_seed;
 use crate::rewards::registry::{build_all, REWARDS};
-use crate::server::adapters::{valid_name, AdapterError};
+use crate::server::adapters::AdapterError;
 use crate::server::error::{ApiError, ErrorResponse};
 use crate::server::extract::{ApiJson, ApiPath, ApiQuery};
 use crate::server::state::AppState;
+use crate::stores::align_jobs::CancelError;
+use crate::stores::registry::valid_name;
 
 /// `GET /v1/align/jobs`.
 #[derive(Serialize, ToSchema)]
@@ -72,7 +73,8 @@ pub struct RewardList {
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct EventsQuery {
-    /// Only events with a larger id (default 0: all).
+    /// Only events with a larger id (default 0: all; a `Last-Event-ID` header, as sent by a
+    /// reconnecting EventSource, counts too: the larger of the two wins).
     #[serde(default)]
     #[param(required = false)]
     pub after: u64,
@@ -86,17 +88,21 @@ fn not_found(id: &str) -> ApiError {
     ApiError::not_found(format!("no align job {id:?}")).code("job_not_found")
 }
 
+fn db_error(e: anyhow::Error) -> ApiError {
+    ApiError::internal(format!("job store error: {e:#}"))
+}
+
 /// Everything that would make the job fail at once is a 4xx now.
-fn validate(state: &AppState, req: &AlignRequest, seed: u64) -> Result<(), ApiError> {
+async fn validate(state: &AppState, req: &AlignRequest, seed: u64) -> Result<(), ApiError> {
     if !valid_name(&req.adapter_name) {
         return Err(ApiError::from(AdapterError::InvalidName(req.adapter_name.clone())).param("adapter_name"));
     }
-    if state.adapters.exists(&req.adapter_name) && !req.overwrite {
+    if state.adapters.exists(&req.adapter_name).await && !req.overwrite {
         return Err(ApiError::conflict(format!("adapter {:?} already exists; set \"overwrite\": true to replace it", req.adapter_name))
             .param("adapter_name")
             .code("adapter_exists"));
     }
-    if state.align.list().iter().any(|j| !j.status.is_terminal() && j.adapter_name == req.adapter_name) {
+    if state.stores.align.adapter_busy(&req.adapter_name).await.map_err(db_error)? {
         return Err(ApiError::conflict(format!("another align job is already writing adapter {:?}", req.adapter_name))
             .param("adapter_name")
             .code("adapter_busy"));
@@ -105,7 +111,7 @@ fn validate(state: &AppState, req: &AlignRequest, seed: u64) -> Result<(), ApiEr
     req.check_model(&*state.ready_model()?).map_err(|(param, message)| ApiError::invalid(param, message))?;
     build_all(&req.rewards, &state.reward_models).map_err(|e| ApiError::invalid("rewards", format!("{e:#}")))?;
     if let Some(init) = &req.init_adapter {
-        if !state.adapters.exists(init) {
+        if !state.adapters.exists(init).await {
             return Err(ApiError::not_found(format!("init_adapter {init:?} not found")).param("init_adapter").code("adapter_not_found"));
         }
     }
@@ -140,11 +146,8 @@ fn validate(state: &AppState, req: &AlignRequest, seed: u64) -> Result<(), ApiEr
 )]
 pub async fn create_align_job(State(state): State<AppState>, ApiJson(req): ApiJson<AlignRequest>) -> Result<Response, ApiError> {
     let seed = req.seed.unwrap_or_else(random_seed);
-    let job = tokio::task::spawn_blocking(move || {
-        validate(&state, &req, seed)?;
-        state.align.submit(req, seed).map_err(|e| ApiError::internal(format!("cannot queue the job: {e:#}")))
-    })
-    .await??;
+    validate(&state, &req, seed).await?;
+    let job = state.stores.align.submit(&req, seed).await.map_err(|e| ApiError::internal(format!("cannot queue the job: {e:#}")))?;
     let mut response = (StatusCode::ACCEPTED, Json(&job)).into_response();
     if let Ok(v) = HeaderValue::from_str(&format!("/v1/align/jobs/{}", job.id)) {
         response.headers_mut().insert(header::LOCATION, v);
@@ -159,13 +162,13 @@ pub async fn create_align_job(State(state): State<AppState>, ApiJson(req): ApiJs
     tag = "align",
     operation_id = "list_align_jobs",
     responses(
-        (status = 200, description = "Every job this server knows (records persist across restarts)", body = AlignJobList),
+        (status = 200, description = "Every job of the deployment, from any replica (records persist across restarts); `events` are left out here", body = AlignJobList),
         (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
     ),
     security(("bearer" = []))
 )]
-pub async fn list_align_jobs(State(state): State<AppState>) -> Json<AlignJobList> {
-    Json(AlignJobList { object: "list".into(), data: state.align.list() })
+pub async fn list_align_jobs(State(state): State<AppState>) -> Result<Json<AlignJobList>, ApiError> {
+    Ok(Json(AlignJobList { object: "list".into(), data: state.stores.align.list().await.map_err(db_error)? }))
 }
 
 /// Get an align job: status, queue position, reward curve, error and, on success, the
@@ -184,7 +187,7 @@ pub async fn list_align_jobs(State(state): State<AppState>) -> Json<AlignJobList
     security(("bearer" = []))
 )]
 pub async fn get_align_job(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Json<AlignJob>, ApiError> {
-    state.align.get(&id).map(Json).ok_or_else(|| not_found(&id))
+    state.stores.align.get(&id).await.map_err(db_error)?.map(Json).ok_or_else(|| not_found(&id))
 }
 
 /// Cancel an align job: a queued one at once, a running one after its current optimisation
@@ -204,7 +207,7 @@ pub async fn get_align_job(State(state): State<AppState>, ApiPath(id): ApiPath<S
     security(("bearer" = []))
 )]
 pub async fn cancel_align_job(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Json<AlignJob>, ApiError> {
-    match state.align.cancel(&id) {
+    match state.stores.align.cancel(&id).await.map_err(db_error)? {
         Ok(job) => Ok(Json(job)),
         Err(CancelError::NotFound) => Err(not_found(&id)),
         Err(CancelError::Terminal(status)) => {
@@ -213,20 +216,23 @@ pub async fn cancel_align_job(State(state): State<AppState>, ApiPath(id): ApiPat
     }
 }
 
-/// A job's events: state changes and one `metrics` event per optimisation step (reward
-/// mean/std, loss, gradient norm, seconds).
+/// A job's events: state changes, one `metrics` event per optimisation step (reward
+/// mean/std, loss, gradient norm, seconds) and last one whose type is the job's final status
+/// (`succeeded`, `failed` or `cancelled`).
 ///
 /// JSON by default; with `stream=true` or `Accept: text/event-stream`, server-sent events
 /// (event name = the event's `type`, `id` = its id, `data` = the event) that end after the
-/// job's final event.
+/// final event. A reconnecting client sends `Last-Event-ID` and gets only the events after it,
+/// none twice. Works on any replica, whichever trainer runs the job.
 #[utoipa::path(
     get,
     path = "/v1/align/jobs/{id}/events",
     tag = "align",
     operation_id = "align_job_events",
-    params(("id" = String, Path, description = "Job id"), EventsQuery),
+    params(("id" = String, Path, description = "Job id"), EventsQuery,
+        ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event id (sent by reconnecting EventSource clients)")),
     responses(
-        (status = 200, description = "The events (JSON list, or an event stream)",
+        (status = 200, description = "The events (JSON list, or an event stream ending with the final status event)",
             content((AlignEventList = "application/json"), (AlignJobStreamEvent = "text/event-stream"))),
         (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
         (status = 404, description = "No such job", body = ErrorResponse),
@@ -239,14 +245,14 @@ pub async fn align_job_events(
     ApiQuery(query): ApiQuery<EventsQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    let after = query.after.max(last_event_id(&headers).unwrap_or(0));
     let wants_stream = query.stream
         || headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("text/event-stream"));
+    let job = state.stores.align.get(&id).await.map_err(db_error)?.ok_or_else(|| not_found(&id))?;
     if wants_stream {
-        let stream = event_stream(state.align.clone(), id.clone(), query.after).ok_or_else(|| not_found(&id))?;
-        return Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response());
+        return Ok(Sse::new(event_stream(state, id, after)).keep_alive(KeepAlive::default()).into_response());
     }
-    let job = state.align.get(&id).ok_or_else(|| not_found(&id))?;
-    let data = job.events.into_iter().filter(|e| e.id > query.after).collect();
+    let data = job.events.into_iter().filter(|e| e.id > after).collect();
     Ok(Json(AlignEventList { object: "list".into(), data }).into_response())
 }
 
@@ -258,34 +264,20 @@ fn sse(event: &AlignEvent) -> Result<Event, Infallible> {
         .unwrap_or_else(|_| Event::default().event("error").data("serialisation failed")))
 }
 
-/// The job's events after `after`, then live ones until its last event.
-fn event_stream(jobs: Arc<AlignJobs>, id: String, after: u64) -> Option<impl Stream<Item = Result<Event, Infallible>>> {
+/// The job's events after `after`, then new ones as they are recorded (on any replica) until
+/// its final event.
+fn event_stream(state: AppState, id: String, after: u64) -> impl Stream<Item = Result<Event, Infallible>> {
     struct Cursor {
-        jobs: Arc<AlignJobs>,
+        state: AppState,
         id: String,
-        rx: tokio::sync::broadcast::Receiver<(String, AlignEvent)>,
+        changes: tokio::sync::broadcast::Receiver<crate::stores::Change>,
         backlog: VecDeque<AlignEvent>,
         last: u64,
         done: bool,
     }
-    impl Cursor {
-        /// Queues the recorded events not sent yet; notes whether the job is over.
-        fn catch_up(&mut self) -> bool {
-            let Some(job) = self.jobs.get(&self.id) else { return false };
-            self.backlog.extend(job.events.into_iter().filter(|e| e.id > self.last));
-            if let Some(e) = self.backlog.back() {
-                self.last = e.id;
-            }
-            self.done = job.status.is_terminal();
-            true
-        }
-    }
-    let rx = jobs.subscribe();
-    let mut cursor = Cursor { jobs, id, rx, backlog: VecDeque::new(), last: after, done: false };
-    if !cursor.catch_up() {
-        return None;
-    }
-    Some(stream::unfold(cursor, |mut c| async move {
+    let changes = state.stores.db.subscribe();
+    let cursor = Cursor { state, id, changes, backlog: VecDeque::new(), last: after, done: false };
+    stream::unfold(cursor, |mut c| async move {
         loop {
             if let Some(e) = c.backlog.pop_front() {
                 return Some((sse(&e), c));
@@ -293,15 +285,23 @@ fn event_stream(jobs: Arc<AlignJobs>, id: String, after: u64) -> Option<impl Str
             if c.done {
                 return None;
             }
-            match c.rx.recv().await {
-                Ok((job_id, _)) if job_id != c.id => {}
-                Ok(_) | Err(RecvError::Lagged(_)) => {
-                    c.catch_up();
+            // Status first: the events read after a terminal status include the final one.
+            let status = c.state.stores.align.status(&c.id).await;
+            match (status, c.state.stores.align.events(&c.id, c.last).await) {
+                (Ok(status), Ok(events)) => {
+                    c.done = status.is_none_or(|s| s.is_terminal());
+                    if let Some(e) = events.last() {
+                        c.last = e.id;
+                    }
+                    c.backlog.extend(events);
                 }
-                Err(RecvError::Closed) => return None,
+                (Err(e), _) | (_, Err(e)) => tracing::warn!("align job {} events: {e:#}", c.id),
+            }
+            if c.backlog.is_empty() && !c.done {
+                next_change(&mut c.changes, &c.id, c.state.config.stores.poll_interval()).await;
             }
         }
-    }))
+    })
 }
 
 /// List the rewards a job may name (model-based ones need their weights under

@@ -26,16 +26,20 @@ pub async fn submit(
     enqueue(state, validated, retained).await
 }
 
-/// Resolves a validated request's adapters and queues it.
+/// Resolves a validated request's adapters, records a retained job and queues it.
 pub async fn enqueue(state: &AppState, validated: Validated, retained: bool) -> Result<Arc<Job>, ApiError> {
-    let spec = if validated.lora_names.is_empty() {
-        validated.spec
-    } else {
-        let registry = state.adapters.clone();
-        tokio::task::spawn_blocking(move || params::resolve_loras(&registry, validated)).await??
-    };
-    let job = Job::new(spec, retained);
-    state.jobs.submit(job.clone()).map_err(|e| match e {
+    let spec = params::resolve_loras(&state.adapters, validated).await?;
+    let mut job = Job::new(spec, retained);
+    if retained {
+        state.jobs.save_new(&mut job).await.map_err(|e| ApiError::internal(format!("cannot save the job: {e:#}")))?;
+    }
+    let submitted = state.jobs.submit(job.clone());
+    if submitted.is_err() && retained {
+        if let Err(e) = state.jobs.records().delete(&job.id).await {
+            tracing::warn!(job = %job.id, "cannot delete the record of a refused job: {e:#}");
+        }
+    }
+    submitted.map_err(|e| match e {
         SubmitError::Full { retry_after, capacity } => ApiError::rate_limited(
             format!("the generation queue is full ({capacity} jobs waiting); retry after {retry_after} s"),
             retry_after,

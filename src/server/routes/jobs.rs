@@ -4,28 +4,51 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::extract::{FromRequest, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures_util::stream::{self, Stream};
+use futures_util::stream::{self, Stream, StreamExt};
 
 use super::edits::submit_edit;
+use super::events::{last_event_id, next_change};
 use super::images::submit;
 use crate::server::api::{ImageEditForm, ImageGenerationRequest, ImageJob, ImageJobStreamEvent, JobStatus};
 use crate::server::edit_form::EditForm;
 use crate::server::error::{ApiError, ErrorResponse};
 use crate::server::extract::{ApiJson, ApiPath};
-use crate::server::jobs::{CancelOutcome, Job, JobQueue};
+use crate::server::jobs::{view_record, CancelOutcome, Job, JobQueue};
 use crate::server::state::AppState;
+use crate::stores::image_jobs::ImageJobRecord;
 
-fn find(state: &AppState, id: &str) -> Result<Arc<Job>, ApiError> {
-    state.jobs.get(id).ok_or_else(|| {
-        ApiError::not_found(format!(
-            "no image job {id:?} (finished jobs are kept for a while only)"
-        ))
-        .code("job_not_found")
-    })
+fn not_found(id: &str) -> ApiError {
+    ApiError::not_found(format!("no image job {id:?} (finished jobs are kept for a while only)")).code("job_not_found")
+}
+
+fn store_error(e: anyhow::Error) -> ApiError {
+    ApiError::internal(format!("job store error: {e:#}"))
+}
+
+/// Where a job is: in this process, or only in the shared table (another replica runs it, or
+/// it ended before a restart).
+enum Found {
+    Here(Arc<Job>),
+    Stored(Box<ImageJobRecord>),
+}
+
+async fn find(state: &AppState, id: &str) -> Result<Found, ApiError> {
+    if let Some(job) = state.jobs.get(id) {
+        return Ok(Found::Here(job));
+    }
+    match state.jobs.records().get(id).await.map_err(store_error)? {
+        // This process's own jobs it no longer holds were pruned: the record follows shortly.
+        Some(r) if r.owner != state.jobs.owner() => Ok(Found::Stored(Box::new(r))),
+        _ => Err(not_found(id)),
+    }
+}
+
+fn stored_view(r: &ImageJobRecord, with_result: bool) -> Result<ImageJob, ApiError> {
+    view_record(r, with_result).map_err(store_error)
 }
 
 /// A job submission: a generation (JSON) or an edit (`multipart/form-data`).
@@ -109,14 +132,17 @@ pub async fn get_job(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<ImageJob>, ApiError> {
-    let job = find(&state, &id)?;
-    Ok(Json(state.jobs.view(&job, true)))
+    match find(&state, &id).await? {
+        Found::Here(job) => Ok(Json(state.jobs.view(&job, true))),
+        Found::Stored(r) => Ok(Json(stored_view(&r, true)?)),
+    }
 }
 
 /// Cancel an image job.
 ///
 /// A queued job is cancelled at once (`status: cancelled`); a running one stops at its next
-/// denoising step (`cancel_requested: true` until then). A finished job gives 409.
+/// denoising step (`cancel_requested: true` until then; on another replica than the one
+/// running it, within its poll interval). A finished job gives 409.
 #[utoipa::path(
     post,
     path = "/v1/images/jobs/{id}/cancel",
@@ -135,20 +161,29 @@ pub async fn cancel_job(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<ImageJob>, ApiError> {
-    let job = find(&state, &id)?;
+    let job = match find(&state, &id).await? {
+        Found::Here(job) => job,
+        Found::Stored(r) => {
+            if let Some(status) = JobStatus::parse(&r.status).filter(|s| s.is_terminal()) {
+                return Err(finished(&id, status));
+            }
+            let r = state.jobs.records().request_cancel(&id).await.map_err(store_error)?.ok_or_else(|| not_found(&id))?;
+            return Ok(Json(stored_view(&r, false)?));
+        }
+    };
     match state.jobs.cancel(&id) {
         CancelOutcome::Cancelled | CancelOutcome::Requested => {
             Ok(Json(state.jobs.view(&job, false)))
         }
-        CancelOutcome::AlreadyFinished(status) => Err(ApiError::conflict(format!(
-            "job {id} has already finished ({})",
-            status.as_str()
-        ))
-        .code("job_finished")),
+        CancelOutcome::AlreadyFinished(status) => Err(finished(&id, status)),
         CancelOutcome::NotFound => {
             Err(ApiError::not_found(format!("no image job {id:?}")).code("job_not_found"))
         }
     }
+}
+
+fn finished(id: &str, status: JobStatus) -> ApiError {
+    ApiError::conflict(format!("job {id} has already finished ({})", status.as_str())).code("job_finished")
 }
 
 fn event_name(status: JobStatus) -> &'static str {
@@ -158,47 +193,88 @@ fn event_name(status: JobStatus) -> &'static str {
     }
 }
 
-fn job_events_stream(
-    queue: Arc<JobQueue>,
-    job: Arc<Job>,
-) -> impl Stream<Item = Result<Event, Infallible>> {
+fn sse(view: &ImageJob, version: u64) -> Result<Event, Infallible> {
+    Ok(Event::default()
+        .event(event_name(view.status))
+        .id(version.to_string())
+        .json_data(view)
+        .unwrap_or_else(|_| Event::default().event("error").data("serialisation failed")))
+}
+
+/// A job of this process: one event per version after `after`, coalesced when the client is
+/// slow, until the terminal one.
+fn local_stream(queue: Arc<JobQueue>, job: Arc<Job>, after: Option<u64>) -> impl Stream<Item = Result<Event, Infallible>> {
     let rx = job.subscribe();
-    stream::unfold(
-        (queue, job, rx, true, false),
-        |(queue, job, mut rx, first, finished)| async move {
-            if finished {
-                return None;
-            }
-            if !first && rx.changed().await.is_err() {
-                return None;
-            }
+    stream::unfold((queue, job, rx, after, false), |(queue, job, mut rx, after, finished)| async move {
+        if finished {
+            return None;
+        }
+        loop {
             let version = *rx.borrow_and_update();
             let status = job.status();
-            let view = queue.view(&job, status == JobStatus::Succeeded);
-            let event = Event::default()
-                .event(event_name(view.status))
-                .id(version.to_string())
-                .json_data(&view)
-                .unwrap_or_else(|_| Event::default().event("error").data("serialisation failed"));
-            let finished = view.status.is_terminal();
-            Some((Ok(event), (queue, job, rx, false, finished)))
-        },
-    )
+            if after.is_none_or(|a| version > a) {
+                let view = queue.view(&job, status == JobStatus::Succeeded);
+                let finished = view.status.is_terminal();
+                return Some((sse(&view, version), (queue, job, rx, Some(version), finished)));
+            }
+            if status.is_terminal() || rx.changed().await.is_err() {
+                return None;
+            }
+        }
+    })
+}
+
+/// A job of another replica (or from before a restart), followed through its record.
+fn stored_stream(state: AppState, id: String, after: Option<u64>) -> impl Stream<Item = Result<Event, Infallible>> {
+    let changes = state.stores.db.subscribe();
+    stream::unfold((state, id, changes, after, false), |(state, id, mut changes, after, finished)| async move {
+        if finished {
+            return None;
+        }
+        loop {
+            let record = match state.jobs.records().get(&id).await {
+                Ok(Some(r)) => r,
+                Ok(None) => return None,
+                Err(e) => {
+                    tracing::warn!(job = %id, "cannot read the job: {e:#}");
+                    next_change(&mut changes, &id, state.config.stores.poll_interval()).await;
+                    continue;
+                }
+            };
+            let terminal = JobStatus::parse(&record.status).is_none_or(|s| s.is_terminal());
+            if after.is_none_or(|a| record.version > a) {
+                let view = match view_record(&record, record.status == "succeeded") {
+                    Ok(v) => v,
+                    Err(_) => return None,
+                };
+                let version = record.version;
+                return Some((sse(&view, version), (state, id, changes, Some(version), terminal)));
+            }
+            if terminal {
+                return None;
+            }
+            next_change(&mut changes, &id, state.config.stores.poll_interval()).await;
+        }
+    })
 }
 
 /// Follow an image job as server-sent events.
 ///
-/// Each event carries the job object (as `GET /v1/images/jobs/{id}`) in `data`. Event names:
-/// `queued`, `progress` (running; one per step, coalesced when the client is slow), then one
-/// terminal `succeeded` (with `result`), `failed` or `cancelled`, after which the stream ends.
+/// Each event carries the job object (as `GET /v1/images/jobs/{id}`) in `data` and the job's
+/// state version as its `id`. Event names: `queued`, `progress` (running; one per step,
+/// coalesced when the client is slow), then one terminal `succeeded` (with `result`),
+/// `failed` or `cancelled`, after which the stream ends. A reconnecting client sends
+/// `Last-Event-ID` and gets only newer states (nothing, once it has the terminal one). Works
+/// on any replica (another replica's job is followed through the shared job table).
 #[utoipa::path(
     get,
     path = "/v1/images/jobs/{id}/events",
     tag = "jobs",
     operation_id = "image_job_events",
-    params(("id" = String, Path, description = "Job id")),
+    params(("id" = String, Path, description = "Job id"),
+        ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event id (sent by reconnecting EventSource clients)")),
     responses(
-        (status = 200, description = "Server-sent events, one per change of the job", content_type = "text/event-stream", body = ImageJobStreamEvent),
+        (status = 200, description = "Server-sent events, one per change of the job, ending with the terminal one", content_type = "text/event-stream", body = ImageJobStreamEvent),
         (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
         (status = 404, description = "No such job", body = ErrorResponse),
     ),
@@ -207,10 +283,12 @@ fn job_events_stream(
 pub async fn job_events(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let job = find(&state, &id)?;
-    let stream = job_events_stream(state.jobs.clone(), job);
-    Ok(Sse::new(stream)
-        .keep_alive(KeepAlive::default())
-        .into_response())
+    let after = last_event_id(&headers);
+    let response = match find(&state, &id).await? {
+        Found::Here(job) => Sse::new(local_stream(state.jobs.clone(), job, after).boxed()),
+        Found::Stored(_) => Sse::new(stored_stream(state, id, after).boxed()),
+    };
+    Ok(response.keep_alive(KeepAlive::default()).into_response())
 }

@@ -4,6 +4,7 @@ pub mod adapters;
 pub mod align;
 pub mod docs;
 pub mod edits;
+pub mod events;
 pub mod images;
 pub mod jobs;
 pub mod system;
@@ -19,11 +20,18 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::trace::TraceLayer;
 use super::state::AppState;
 
-/// The API routes, still needing their state.
+/// The API routes, still needing their state: all of them, or for a `trainer` process only
+/// the probes and metrics.
 fn routes(state: &AppState) -> Router<AppState> {
-    let mib = |n: u64| usize::try_from(n.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX);
-    let upload_limit = mib(state.config.max_upload_mb);
-    let image_limit = DefaultBodyLimit::max(mib(state.config.limits.max_image_upload_mb));
+    let probes = Router::new()
+        .route("/health", get(system::health))
+        .route("/ready", get(system::ready))
+        .route("/metrics", get(system::metrics));
+    if !state.config.role.serves() {
+        return probes;
+    }
+    let image_mb = state.config.limits.max_image_upload_mb.saturating_mul(1024 * 1024);
+    let image_limit = DefaultBodyLimit::max(usize::try_from(image_mb).unwrap_or(usize::MAX));
     Router::new()
         .route("/v1/images/generations", post(images::create_image))
         .route("/v1/images/edits", post(edits::create_image_edit).layer(image_limit))
@@ -37,8 +45,7 @@ fn routes(state: &AppState) -> Router<AppState> {
             "/v1/adapters/{name}",
             get(adapters::get_adapter)
                 .put(adapters::put_adapter)
-                .delete(adapters::delete_adapter)
-                .layer(DefaultBodyLimit::max(upload_limit)),
+                .delete(adapters::delete_adapter),
         )
         .route("/align", post(align::create_align_job))
         .route("/v1/align/jobs", post(align::create_align_job).get(align::list_align_jobs))
@@ -48,9 +55,7 @@ fn routes(state: &AppState) -> Router<AppState> {
         .route("/v1/align/rewards", get(align::list_rewards))
         .route("/v1/models", get(system::list_models))
         .route("/v1/models/{id}", get(system::get_model))
-        .route("/health", get(system::health))
-        .route("/ready", get(system::ready))
-        .route("/metrics", get(system::metrics))
+        .merge(probes)
         .route("/openapi.json", get(system::openapi_json))
         .route("/docs", get(docs::page))
         .route("/docs/redoc.standalone.js", get(docs::redoc))

@@ -113,6 +113,8 @@ pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Readiness
         queue_depth,
         running,
         workers: state.jobs.workers(),
+        role: state.config.role.as_str().into(),
+        instance: state.instance_id.to_string(),
     };
     (code, Json(body))
 }
