@@ -91,13 +91,19 @@ fn edit_jobs_report_progress_over_the_steps_that_run() {
     assert_eq!(resp.status(), StatusCode::ACCEPTED);
     let job: Value = resp.json().unwrap();
     assert_eq!(job["progress"]["total_steps"], 10, "two images of 5 steps: {job}");
-    let done = s.wait_terminal(job["id"].as_str().unwrap());
+    let id = job["id"].as_str().unwrap();
+    let done = s.wait_terminal(id);
     assert_eq!(done["status"], "succeeded", "{done}");
     assert_eq!((done["progress"]["step"].as_u64(), done["progress"]["total_steps"].as_u64()), (Some(10), Some(10)));
     assert_eq!(done["result"]["data"].as_array().unwrap().len(), 2);
     assert_eq!(done["parameters"]["edit"]["mode"], "image_to_image");
     // JSON bodies still submit generations.
     assert!(s.submit(json!({"prompt": PROMPT, "size": "32x32", "steps": 1}))["id"].is_string());
+    // The edit's record is in the job store: read back after a restart, edit parameters included.
+    let s = s.restart();
+    let after = s.job(id);
+    assert_eq!((&after["status"], &after["progress"], &after["parameters"]), (&done["status"], &done["progress"], &done["parameters"]));
+    assert_eq!(after["result"], done["result"]);
 }
 
 #[test]
