@@ -39,37 +39,21 @@ fn tensors(name: &str) -> Tensors {
         .collect()
 }
 
+/// The elements of a 1-d tensor as little-endian bytes.
+fn le_bytes<T: candle_core::WithDType, const N: usize>(t: &Tensor, to_le: fn(T) -> [u8; N]) -> Vec<u8> {
+    t.to_vec1::<T>().unwrap().into_iter().flat_map(to_le).collect()
+}
+
 /// Writes f32 / f16 / f64 tensors as safetensors with the given header metadata.
 fn write(path: &Path, tensors: &Tensors, metadata: &[(&str, &str)]) {
     let mut header = serde_json::Map::new();
     let mut data = Vec::new();
     for (name, t) in tensors {
         let t = t.flatten_all().unwrap();
-        let (dtype, bytes): (&str, Vec<u8>) = match t.dtype() {
-            DType::F64 => (
-                "F64",
-                t.to_vec1::<f64>()
-                    .unwrap()
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect(),
-            ),
-            DType::F16 => (
-                "F16",
-                t.to_vec1::<half::f16>()
-                    .unwrap()
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect(),
-            ),
-            _ => (
-                "F32",
-                t.to_vec1::<f32>()
-                    .unwrap()
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect(),
-            ),
+        let (dtype, bytes) = match t.dtype() {
+            DType::F64 => ("F64", le_bytes(&t, f64::to_le_bytes)),
+            DType::F16 => ("F16", le_bytes(&t, half::f16::to_le_bytes)),
+            _ => ("F32", le_bytes(&t, f32::to_le_bytes)),
         };
         let shape = tensors[name].dims().to_vec();
         let offsets = [data.len(), data.len() + bytes.len()];

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::Json;
 
-use super::images::{enqueue, respond};
+use super::images::{enqueue, respond, QueueRefusals};
 use crate::server::api::{ImageEditForm, ImagesResponse};
 use crate::server::edit_form::EditForm;
 use crate::server::edit_params;
@@ -40,14 +40,9 @@ pub async fn submit_edit(state: &AppState, form: EditForm, retained: bool) -> Re
     responses(
         (status = 200, description = "The images, their seeds and the effective parameters", body = ImagesResponse),
         (status = 400, description = "A malformed form, an unreadable image or a value out of range", body = ErrorResponse),
-        (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
-        (status = 404, description = "A requested adapter does not exist", body = ErrorResponse),
         (status = 413, description = "The form is larger than `--max-image-upload-mb`", body = ErrorResponse),
-        (status = 429, description = "The queue is full", body = ErrorResponse,
-            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
         (status = 500, description = "Generation failed", body = ErrorResponse),
-        (status = 503, description = "The model is still loading", body = ErrorResponse,
-            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+        QueueRefusals,
     ),
     security(("bearer" = []))
 )]

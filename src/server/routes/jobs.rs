@@ -12,7 +12,7 @@ use futures_util::stream::{self, Stream, StreamExt};
 
 use super::edits::submit_edit;
 use super::events::{last_event_id, next_change};
-use super::images::submit;
+use super::images::{submit, QueueRefusals};
 use crate::server::api::{ImageEditForm, ImageGenerationRequest, ImageJob, ImageJobStreamEvent, JobStatus};
 use crate::server::edit_form::EditForm;
 use crate::server::error::{ApiError, ErrorResponse};
@@ -91,13 +91,9 @@ impl<S: Send + Sync> FromRequest<S> for JobRequest {
     responses(
         (status = 202, description = "Queued", body = ImageJob,
             headers(("Location" = String, description = "The job's URL"))),
-        (status = 400, description = "Malformed JSON or a value out of range", body = ErrorResponse),
-        (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
-        (status = 404, description = "A requested adapter does not exist", body = ErrorResponse),
-        (status = 429, description = "The queue is full", body = ErrorResponse,
-            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
-        (status = 503, description = "The model is still loading", body = ErrorResponse,
-            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+        (status = 400, description = "Malformed JSON or form, an unreadable image or a value out of range", body = ErrorResponse),
+        (status = 413, description = "An edit form larger than `--max-image-upload-mb`", body = ErrorResponse),
+        QueueRefusals,
     ),
     security(("bearer" = []))
 )]
