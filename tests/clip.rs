@@ -91,11 +91,11 @@ fn text_encoder_prefixed_layout_and_lora_paths() {
     let mut lora = LoraSet::default();
     lora.push(
         "text_model.encoder.layers.0.self_attn.q_proj",
-        LoraDelta {
-            down: Tensor::ones((1, 32), DType::F32, &Device::Cpu).unwrap(),
-            up: Tensor::ones((32, 1), DType::F32, &Device::Cpu).unwrap(),
-            scale: 0.1,
-        },
+        LoraDelta::low_rank(
+            Tensor::ones((1, 32), DType::F32, &Device::Cpu).unwrap(),
+            Tensor::ones((32, 1), DType::F32, &Device::Cpu).unwrap(),
+            0.1,
+        ),
     );
     for m in [&model, &text_model(DType::F32)] {
         let out = m.forward(&input_ids(), &lora).unwrap();

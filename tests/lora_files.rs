@@ -39,29 +39,21 @@ fn tensors(name: &str) -> Tensors {
         .collect()
 }
 
-/// Writes f32 / f16 tensors as safetensors with the given header metadata.
+/// The elements of a 1-d tensor as little-endian bytes.
+fn le_bytes<T: candle_core::WithDType, const N: usize>(t: &Tensor, to_le: fn(T) -> [u8; N]) -> Vec<u8> {
+    t.to_vec1::<T>().unwrap().into_iter().flat_map(to_le).collect()
+}
+
+/// Writes f32 / f16 / f64 tensors as safetensors with the given header metadata.
 fn write(path: &Path, tensors: &Tensors, metadata: &[(&str, &str)]) {
     let mut header = serde_json::Map::new();
     let mut data = Vec::new();
     for (name, t) in tensors {
         let t = t.flatten_all().unwrap();
-        let (dtype, bytes): (&str, Vec<u8>) = match t.dtype() {
-            DType::F16 => (
-                "F16",
-                t.to_vec1::<half::f16>()
-                    .unwrap()
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect(),
-            ),
-            _ => (
-                "F32",
-                t.to_vec1::<f32>()
-                    .unwrap()
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect(),
-            ),
+        let (dtype, bytes) = match t.dtype() {
+            DType::F64 => ("F64", le_bytes(&t, f64::to_le_bytes)),
+            DType::F16 => ("F16", le_bytes(&t, half::f16::to_le_bytes)),
+            _ => ("F32", le_bytes(&t, f32::to_le_bytes)),
         };
         let shape = tensors[name].dims().to_vec();
         let offsets = [data.len(), data.len() + bytes.len()];
@@ -103,7 +95,8 @@ fn delta_weight(lora: &PipelineLora, component: Component, path: &str) -> Tensor
     let [d] = lora.component(component).get(path) else {
         panic!("expected one delta at {path}")
     };
-    (d.up.matmul(&d.down).unwrap() * d.scale).unwrap()
+    let (down, up) = d.update.low_rank().expect("a low-rank delta");
+    (up.matmul(down).unwrap() * d.scale).unwrap()
 }
 
 #[test]
@@ -159,7 +152,10 @@ fn save_diffusers_round_trips() {
     let modules: Vec<_> = probe
         .modules()
         .iter()
-        .map(|m| (m.path.clone(), m.down.clone(), m.up.clone()))
+        .map(|m| {
+            let (down, up) = m.update.low_rank().unwrap();
+            (m.path.clone(), down.clone(), up.clone())
+        })
         .collect();
     let path = tmp.0.join("saved.safetensors");
     save_diffusers(
@@ -185,8 +181,10 @@ fn save_diffusers_round_trips() {
     assert_eq!(saved.num_modules(), probe.num_modules());
     for (a, b) in probe.modules().iter().zip(saved.modules()) {
         assert_eq!(a.path, b.path);
-        assert_eq!(max_abs_diff(&a.down, &b.down), 0.0);
-        assert_eq!(max_abs_diff(&a.up, &b.up), 0.0);
+        let (ad, au) = a.update.low_rank().unwrap();
+        let (bd, bu) = b.update.low_rank().unwrap();
+        assert_eq!(max_abs_diff(ad, bd), 0.0);
+        assert_eq!(max_abs_diff(au, bu), 0.0);
     }
     assert!(save_diffusers(&path, &[], &HashMap::new()).is_err());
 }
@@ -277,7 +275,7 @@ fn peft_and_text_encoder_keys() {
         let a = LoraAdapter::from_file(&path, &targets, &Device::Cpu).unwrap();
         let m = &a.modules()[0];
         assert_eq!(
-            (a.format(), m.component, m.path.as_str(), m.down.dtype()),
+            (a.format(), m.component, m.path.as_str(), m.update.tensors()[0].dtype()),
             (format, Component::TextEncoder, te, DType::F32)
         );
         assert_eq!(a.target_modules(), ["q_proj"]);
@@ -417,6 +415,69 @@ fn convolution_modules() {
     );
 }
 
+/// `tensors` with `key` replaced by `f(tensor)`.
+fn with(tensors: &Tensors, key: &str, f: impl Fn(&Tensor) -> Tensor) -> Tensors {
+    let mut t = tensors.clone();
+    let new = f(&t[key]);
+    t.insert(key.to_string(), new);
+    t
+}
+
+#[test]
+fn non_finite_and_absurd_values_are_rejected() {
+    let probe = tensors("probe_kohya.safetensors");
+    let module = format!("lora_unet_{}", Q.replace('.', "_"));
+    let (up, alpha) = (format!("{module}.lora_up.weight"), format!("{module}.alpha"));
+    let set = |t: &Tensor, v: f32| {
+        let mut data = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        data[3] = v;
+        Tensor::from_vec(data, t.shape(), &Device::Cpu).unwrap()
+    };
+    for (what, bad, expect) in [
+        ("NaN", with(&probe, &up, |t| set(t, f32::NAN)), "non-finite"),
+        ("Inf", with(&probe, &up, |t| set(t, f32::NEG_INFINITY)), "non-finite"),
+        ("1e30", with(&probe, &up, |t| set(t, 1e30)), "beyond ±65504"),
+        ("alpha inf", with(&probe, &alpha, |_| Tensor::new(f32::INFINITY, &Device::Cpu).unwrap()), "non-finite"),
+        ("alpha 1e308", with(&probe, &alpha, |_| Tensor::new(1e308f64, &Device::Cpu).unwrap()), "beyond ±65504"),
+        ("weights 3e4", with(&probe, &up, |t| (t.ones_like().unwrap() * 3e4).unwrap()), "too large"),
+        ("f16 NaN", with(&probe, &up, |t| set(t, f32::NAN).to_dtype(DType::F16).unwrap()), "non-finite"),
+    ] {
+        let msg = error_of(&bad);
+        assert!(msg.contains(expect) && (msg.contains(&module) || msg.contains(Q)), "{what}: {msg}");
+    }
+
+    let tmp = TempDir::new("lora-files");
+    let path = tmp.0.join("metadata.safetensors");
+    write(&path, &tensors("probe_diffusers.safetensors"), &[("lora_adapter_metadata", r#"{"lora_alpha": 1e308}"#)]);
+    let err = LoraAdapter::from_file(&path, &targets(), &Device::Cpu).unwrap_err();
+    assert!(format!("{err:#}").contains("lora_alpha"), "{err:#}");
+}
+
+#[test]
+fn invalid_lycoris_files_name_the_problem() {
+    let loha = tensors("loha_kohya.safetensors");
+    let module = format!("lora_unet_{}", Q.replace('.', "_"));
+    let mut t = loha.clone();
+    t.remove(&format!("{module}.hada_w2_b"));
+    let msg = error_of(&t);
+    assert!(msg.contains("do not fit") && msg.contains(&format!("{module}.hada_w2_a")), "{msg}");
+
+    let mut t = loha.clone();
+    t.insert(format!("{module}.lora_down.weight"), Tensor::zeros((4, 32), DType::F32, &Device::Cpu).unwrap());
+    let msg = error_of(&t);
+    assert!(msg.contains("different kinds"), "{msg}");
+
+    let mut t = loha.clone();
+    t.insert(format!("{module}.dora_scale"), Tensor::ones((7, 1), DType::F32, &Device::Cpu).unwrap());
+    let msg = error_of(&t);
+    assert!(msg.contains("DoRA magnitudes that do not fit") && msg.contains("[7, 1]"), "{msg}");
+
+    let mut t = loha.clone();
+    t.insert(format!("{module}.w_norm"), Tensor::ones(32, DType::F32, &Device::Cpu).unwrap());
+    let msg = error_of(&t);
+    assert!(msg.contains("unrecognised") && msg.contains("w_norm"), "{msg}");
+}
+
 fn sdxl_targets() -> LoraTargets {
     let dir = common::sdxl_fixture_dir();
     LoraTargets::from_files(&dir.join("unet/diffusion_pytorch_model.safetensors"), &dir.join("text_encoder/model.safetensors"))
@@ -459,7 +520,7 @@ fn sdxl_files_cover_the_unet_and_both_text_encoders() {
     // sd-scripts' SDXL naming (`lora_unet_input_blocks_4_1_…`), on every UNet linear and conv.
     let sgm = LoraAdapter::from_file(&dir.join("locon_sgm_kohya.safetensors"), &targets, &Device::Cpu).unwrap();
     assert_eq!((sgm.format(), sgm.num_modules()), (LoraFormat::Kohya, targets.modules(Component::Unet).count()));
-    assert!(sgm.modules().iter().any(|m| m.path == "up_blocks.0.upsamplers.0.conv" && m.down.dims() == [4, 64, 3, 3]));
+    assert!(sgm.modules().iter().any(|m| m.path == "up_blocks.0.upsamplers.0.conv" && m.update.tensors()[0].dims() == [4, 64, 3, 3]));
 
     // An SDXL adapter on an SD 1.x model: the second text encoder's keys are named.
     let err = LoraAdapter::from_file(&dir.join("probe_diffusers.safetensors"), &self::targets(), &Device::Cpu).unwrap_err();

@@ -6,6 +6,8 @@ Run by tests/server_openai.rs; exits non-zero on any failure, including a missin
 """
 
 import base64
+import json
+import pathlib
 import struct
 import sys
 
@@ -72,6 +74,38 @@ def main():
     resp = client.images.generate(prompt="x", size="32x32", output_format="jpeg", output_compression=80,
                                   extra_body={"steps": 1, "seed": 1})
     assert base64.b64decode(resp.data[0].b64_json)[:2] == b"\xff\xd8"
+
+    # Image edits, as client.images.edit sends them (multipart): image-to-image, then inpainting.
+    edits = pathlib.Path(__file__).parent / "fixtures" / "tiny-sd1" / "reference" / "edits"
+    with open(edits / "init.png", "rb") as image:
+        resp = client.images.edit(
+            model="tiny-sd1", image=image, prompt="two red circles and a blue square", n=2, size="64x64",
+            response_format="b64_json",
+            extra_body={"steps": 4, "seed": 21, "strength": 0.6, "guidance_scale": 5.0, "scheduler": "ddim",
+                        "negative_prompt": "blurry", "loras": [{"name": "probe_diffusers", "weight": 0.8}]},
+        )
+    assert len(resp.data) == 2, resp
+    assert [extra(d, "seed") for d in resp.data] == [21, 22]
+    for image in resp.data:
+        assert png_size(base64.b64decode(image.b64_json)) == (64, 64)
+    params = extra(resp, "parameters")
+    assert params["edit"]["mode"] == "image_to_image" and params["edit"]["strength"] == 0.6, params
+    assert params["loras"] == [{"name": "probe_diffusers", "weight": 0.8, "sha256": params["loras"][0]["sha256"]}], params
+    with open(edits / "init.png", "rb") as image, open(edits / "mask.png", "rb") as mask:
+        resp = client.images.edit(
+            image=[image], mask=mask, prompt="a blue square", size="32x32",
+            extra_body={"steps": 3, "seed": 4, "loras": json.dumps([{"name": "other_diffusers", "weight": -0.5}])},
+        )
+    params = extra(resp, "parameters")
+    assert params["edit"]["mode"] == "inpaint" and params["edit"]["strength"] == 1.0, params
+    assert params["loras"][0]["name"] == "other_diffusers", params
+    assert png_size(base64.b64decode(resp.data[0].b64_json)) == (32, 32)
+    try:
+        with open(edits / "init.png", "rb") as image:
+            client.images.edit(image=image, prompt="x", extra_body={"steps": 2, "strength": 0.2})
+        raise AssertionError("a strength that runs no step accepted")
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "strength", e.body
 
     # Errors map onto the SDK's exception classes, with the error body.
     try:

@@ -4,58 +4,13 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use sdserve::engine::pipeline::{GenerateParams, ModelFamily, StableDiffusion};
 use sdserve::lora::{LoraAdapter, PipelineLora};
 use sdserve::model::config::SchedulerConfig;
 use serde_json::Value;
-
-fn psnr(a: &Tensor, b: &Tensor) -> f64 {
-    let mse = (a - b).unwrap().sqr().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap() as f64;
-    10.0 * (1.0 / mse).log10()
-}
-
-fn case_loras(case: &Value) -> Vec<(String, f64)> {
-    let one = |v: &Value| (v["file"].as_str().unwrap().to_string(), v["scale"].as_f64().unwrap());
-    match (&case["lora"], &case["loras"]) {
-        (Value::Object(_), _) => vec![one(&case["lora"])],
-        (_, Value::Array(list)) => list.iter().map(one).collect(),
-        _ => vec![],
-    }
-}
-
-/// The case's adapters loaded from `dir`, at their scales.
-fn loras(sd: &StableDiffusion, dir: &Path, files: &[(String, f64)]) -> PipelineLora {
-    let mut lora = PipelineLora::default();
-    for (file, scale) in files {
-        LoraAdapter::from_file(&dir.join(file), &sd.lora_targets, &Device::Cpu).unwrap().add_to(*scale, &mut lora);
-    }
-    lora
-}
-
-/// Our image `[H, W, 3]` for a manifest case, with `files` as its adapters.
-fn draw(sd: &StableDiffusion, dir: &Path, case: &Value, files: &[(String, f64)]) -> Tensor {
-    let params = GenerateParams {
-        prompt: case["prompt"].as_str().unwrap().into(),
-        negative_prompt: case["negative_prompt"].as_str().map(String::from),
-        steps: case["steps"].as_u64().unwrap() as usize,
-        guidance_scale: case["guidance_scale"].as_f64().unwrap(),
-        seed: 0,
-        width: case["width"].as_u64().unwrap() as usize,
-        height: case["height"].as_u64().unwrap() as usize,
-        scheduler: case["scheduler"].as_str().unwrap().parse().unwrap(),
-        eta: case["eta"].as_f64().unwrap(),
-        latents: Some(common::components_of(dir)["vae_latents"].clone()),
-    };
-    let image = sd.generate(&params, &loras(sd, dir, files), &mut |_, _| Ok(())).unwrap();
-    image.to_dtype(DType::F32).unwrap().squeeze(0).unwrap().permute((1, 2, 0)).unwrap()
-}
-
-fn reference(dir: &Path, name: &str) -> Tensor {
-    candle_core::safetensors::load(dir.join(format!("reference/{name}.safetensors")), &Device::Cpu).unwrap()["image"].clone()
-}
 
 /// A loaded fixture model per dtype, with its scheduler config as the folder gives it.
 struct Models {
@@ -100,7 +55,7 @@ fn check_manifest(models: &mut Models, manifest: &str, expected_cases: usize) ->
     assert_eq!(cases.len(), expected_cases);
     for case in &cases {
         let name = case["name"].as_str().unwrap();
-        let p = psnr(&draw(models.for_case(case), &dir, case, &case_loras(case)), &reference(&dir, name));
+        let p = common::psnr(&common::draw(models.for_case(case), &dir, case, &common::case_loras(case)), &common::reference(&dir, name));
         println!("{name}: PSNR {p:.1} dB");
         assert!(p >= 40.0, "{name}: PSNR {p:.1} dB < 40");
     }
@@ -111,9 +66,9 @@ fn check_manifest(models: &mut Models, manifest: &str, expected_cases: usize) ->
 fn check_kohya(models: &mut Models, cases: &[Value], name: &str, kohya_file: &str) {
     let dir = models.dir.clone();
     let case = cases.iter().find(|c| c["name"] == name).unwrap();
-    let scale = case_loras(case)[0].1;
-    let image = draw(models.for_case(case), &dir, case, &[(kohya_file.to_string(), scale)]);
-    let p = psnr(&image, &reference(&dir, name));
+    let scale = common::case_loras(case)[0].1;
+    let image = common::draw(models.for_case(case), &dir, case, &[(kohya_file.to_string(), scale)]);
+    let p = common::psnr(&image, &common::reference(&dir, name));
     println!("{kohya_file} against {name}: PSNR {p:.1} dB");
     assert!(p >= 40.0, "{kohya_file}: PSNR {p:.1} dB < 40");
 }

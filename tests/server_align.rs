@@ -198,6 +198,12 @@ fn bad_align_requests_get_clear_errors() {
         (with("prompt_set", json!("shapes")), "prompts"),
         (with("width", json!(40000)), "width"),
         (with("width", json!(33)), "width"),
+        // what the trainer's backward pass cannot do: latents the UNet does not halve evenly
+        (with("width", json!(60)), "width"),
+        (with("height", json!(36)), "height"),
+        // longer than the text encoder sees (75 tokens)
+        (with("prompts", json!(["a circle", "red ".repeat(80)])), "prompts"),
+        (with("negative_prompt", json!("blue ".repeat(76))), "negative_prompt"),
     ] {
         let err = assert_error(s.post_json("/v1/align/jobs", &body), StatusCode::BAD_REQUEST);
         assert_eq!(err["param"], param, "{err}");

@@ -7,6 +7,7 @@ use super::optim::AdamWConfig;
 use super::prompts::prompt_set;
 use super::trainer::{AlignConfig, Truncation};
 use super::validation::Validation;
+use crate::engine::pipeline::StableDiffusion;
 use crate::rewards::registry::RewardSpec;
 
 /// How many final denoising steps carry gradient: `{"k": 1}` or `{"random": [1, 3]}`.
@@ -30,7 +31,8 @@ pub struct AlignRequest {
     /// Name of the adapter to write under adapters/ on success.
     #[schema(example = "brighter")]
     pub adapter_name: String,
-    /// Training prompts (or give `prompt_set`).
+    /// Training prompts (or give `prompt_set`), each at most as long as the text encoder sees
+    /// (75 tokens for SD 1.x / 2.x).
     #[serde(default)]
     pub prompts: Option<Vec<String>>,
     /// A built-in prompt list: `shapes` or `simple_animals`.
@@ -44,34 +46,45 @@ pub struct AlignRequest {
     pub rewards: Vec<RewardSpec>,
     /// Optimiser steps.
     #[serde(default = "defaults::steps")]
+    #[schema(default = 10, minimum = 1, maximum = 1000)]
     pub steps: usize,
     #[serde(default = "defaults::learning_rate")]
+    #[schema(default = 1e-3, exclusive_minimum = 0.0)]
     pub learning_rate: f64,
     #[serde(default = "defaults::weight_decay")]
+    #[schema(default = 1e-4, minimum = 0.0)]
     pub weight_decay: f64,
     /// Global gradient-norm clip.
     #[serde(default = "defaults::max_grad_norm")]
+    #[schema(default = 1.0, exclusive_minimum = 0.0)]
     pub max_grad_norm: f64,
     /// Trajectories per micro-batch.
     #[serde(default = "defaults::one")]
+    #[schema(default = 1, minimum = 1, maximum = 64)]
     pub batch_size: usize,
     /// Micro-batches per optimiser step.
     #[serde(default = "defaults::one")]
+    #[schema(default = 1, minimum = 1, maximum = 64)]
     pub grad_accum: usize,
     #[serde(default = "defaults::rank")]
+    #[schema(default = 4, minimum = 1, maximum = 64)]
     pub lora_rank: usize,
     /// Defaults to the rank (scale 1).
     #[serde(default)]
+    #[schema(exclusive_minimum = 0.0)]
     pub lora_alpha: Option<f64>,
     #[serde(default)]
     pub truncation: TruncationRequest,
     /// DDIM steps per trajectory.
     #[serde(default = "defaults::sampler_steps")]
+    #[schema(default = 10, minimum = 1, maximum = 100)]
     pub sampler_steps: usize,
     #[serde(default = "defaults::guidance_scale")]
+    #[schema(default = 7.5, minimum = 0.0, maximum = 50.0)]
     pub guidance_scale: f64,
     /// DDIM eta during training (0 = deterministic).
     #[serde(default)]
+    #[schema(default = 0.0, minimum = 0.0, maximum = 1.0)]
     pub eta: f64,
     /// Random when omitted; the seed used is recorded.
     #[serde(default)]
@@ -81,20 +94,23 @@ pub struct AlignRequest {
     pub init_adapter: Option<String>,
     /// Stop early (successfully) once this many seconds have passed.
     #[serde(default)]
+    #[schema(exclusive_minimum = 0.0)]
     pub time_budget_s: Option<f64>,
     /// Keep the best state on a validation set (`{"images": 32, "every": 10}`): the mean
     /// reward of that many fixed (training prompt, seed) pairs, measured before training,
     /// every `every` steps and at the end. Off by default (the last state is kept).
     #[serde(default)]
     pub validation: Option<Validation>,
-    /// Image width; defaults to the model's native size (UNet `sample_size` × the VAE's
-    /// scale factor: 512 for SD 1.5, 1024 for SDXL, 64 for the embedded default model).
+    /// Image width in pixels; defaults to the model's native size (UNet `sample_size` × the
+    /// VAE's scale factor: 512 for SD 1.5, 1024 for SDXL, 64 for the embedded default model).
+    /// A multiple of the model's VAE scale times its UNet's downsampling (8 for the default
+    /// model, 64 for SD 1.x / 2.x, 32 for SDXL), with width × height at most 1024 × 1024.
     #[serde(default)]
-    #[schema(example = 512)]
+    #[schema(example = 512, minimum = 1)]
     pub width: Option<usize>,
-    /// Image height; defaults to the model's native size.
+    /// Image height in pixels, as `width`.
     #[serde(default)]
-    #[schema(example = 512)]
+    #[schema(example = 512, minimum = 1)]
     pub height: Option<usize>,
     /// Replace an existing adapter of the same name.
     #[serde(default)]
@@ -245,5 +261,37 @@ impl AlignRequest {
 
     pub fn alpha(&self) -> f64 {
         self.lora_alpha.unwrap_or(self.lora_rank as f64)
+    }
+
+    /// Checks what the model itself bounds: the size must give latents the UNet downsamples
+    /// and upsamples back exactly (its backward pass has no non-integer upscaling), and no
+    /// prompt may be longer than the text encoder sees.
+    pub fn check_model(&self, model: &StableDiffusion) -> Result<(), Invalid> {
+        let multiple = model.vae_scale() * model.unet.config().downscale();
+        let (width, height) = self.size(model.native_size());
+        for (param, v) in [("width", width), ("height", height)] {
+            if !v.is_multiple_of(multiple) {
+                return Err((
+                    param,
+                    format!("{param} must be a multiple of {multiple} for training on this model (its VAE scale times the UNet's downsampling), got {v}"),
+                ));
+            }
+        }
+        let limit = model.tokenizer.max_content_tokens();
+        let prompts = self.prompt_list()?;
+        let long = |text: &str| model.tokenizer.count_tokens(text) > limit;
+        if let Some((i, p)) = prompts.iter().enumerate().find(|(_, p)| long(p)) {
+            return Err((
+                "prompts",
+                format!("prompt {i} ({p:?}) is {} tokens long; the text encoder sees at most {limit}", model.tokenizer.count_tokens(p)),
+            ));
+        }
+        match &self.negative_prompt {
+            Some(n) if long(n) => Err((
+                "negative_prompt",
+                format!("negative_prompt is {} tokens long; the text encoder sees at most {limit}", model.tokenizer.count_tokens(n)),
+            )),
+            _ => Ok(()),
+        }
     }
 }

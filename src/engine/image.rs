@@ -1,10 +1,12 @@
-//! Converting between decoded tensors and images, and encoding images as PNG, JPEG or WebP.
+//! Converting between decoded tensors and images, encoding images as PNG, JPEG or WebP, and
+//! decoding input images and inpainting masks.
 
 use std::io::Cursor;
 
-use anyhow::{bail, Result};
-use candle_core::{DType, Tensor};
-use image::{ImageFormat, RgbImage};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use image::imageops::FilterType;
+use image::{DynamicImage, GrayImage, ImageFormat, RgbImage};
 use serde::{Deserialize, Serialize};
 
 /// An output file format.
@@ -86,4 +88,58 @@ pub fn encode(img: &RgbImage, format: OutputFormat, quality: u8) -> Result<Vec<u
         }
     }
     Ok(out.into_inner())
+}
+
+/// Decodes an image file (PNG, JPEG or WebP), refusing one wider or taller than `max_side`
+/// pixels before its pixels are decoded.
+pub fn decode(bytes: &[u8], max_side: u32) -> Result<DynamicImage> {
+    let mut reader = image::ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .context("cannot read the image")?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(max_side);
+    limits.max_image_height = Some(max_side);
+    reader.limits(limits);
+    if reader.format().is_none() {
+        bail!("not an image file (PNG, JPEG or WebP)");
+    }
+    reader.decode().context("cannot decode the image")
+}
+
+/// The image as `[1, 3, height, width]` in `[0, 1]`: alpha dropped (PIL's `convert("RGB")`),
+/// resized with a Lanczos filter when its size differs (diffusers' `VaeImageProcessor`).
+pub fn image_tensor(img: &DynamicImage, width: u32, height: u32, device: &Device) -> Result<Tensor> {
+    let rgb = img.to_rgb8();
+    let rgb = if rgb.dimensions() == (width, height) {
+        rgb
+    } else {
+        image::imageops::resize(&rgb, width, height, FilterType::Lanczos3)
+    };
+    from_rgb(&rgb, device)
+}
+
+/// An inpainting mask as `[1, 1, height, width]`: 1 repaints, 0 keeps. A mask with
+/// transparent pixels repaints where it is more than half transparent (OpenAI's convention:
+/// transparent = edit); any other repaints where it is white, luma ≥ 0.5 (diffusers': PIL's
+/// `convert("L")`, resized like the image, then binarised).
+pub fn mask_tensor(img: &DynamicImage, width: u32, height: u32, device: &Device) -> Result<Tensor> {
+    let rgba = img.to_rgba8();
+    let transparent = img.color().has_alpha() && rgba.pixels().any(|p| p.0[3] < 255);
+    let gray = GrayImage::from_fn(rgba.width(), rgba.height(), |x, y| {
+        let [r, g, b, a] = rgba.get_pixel(x, y).0;
+        if transparent {
+            image::Luma([255 - a])
+        } else {
+            // PIL's ITU-R 601-2 luma, in its fixed-point form
+            let l = (r as u32 * 19595 + g as u32 * 38470 + b as u32 * 7471 + 0x8000) >> 16;
+            image::Luma([l as u8])
+        }
+    });
+    let gray = if gray.dimensions() == (width, height) {
+        gray
+    } else {
+        image::imageops::resize(&gray, width, height, FilterType::Lanczos3)
+    };
+    let values: Vec<f32> = gray.pixels().map(|p| if p.0[0] >= 128 { 1.0 } else { 0.0 }).collect();
+    Ok(Tensor::from_vec(values, (1, 1, height as usize, width as usize), device)?)
 }

@@ -9,12 +9,12 @@ use serde::{Deserialize, Serialize};
 
 use super::denoise::guided_noise_pred;
 use super::noise::NoiseRng;
-use super::scheduler::SchedulerKind;
-use crate::lora::{LoraTargets, PipelineLora};
+use super::scheduler::{Scheduler, SchedulerKind};
+use crate::lora::{LoraSet, LoraTargets, PipelineLora};
 use crate::model::clip::ClipTextModel;
 use crate::model::config::{read_json, ClipTextConfig, ModelIndex, SchedulerConfig, UNetConfig, VaeConfig};
 use crate::model::tokenizer::ClipTokenizer;
-use crate::model::unet::UNet2DConditionModel;
+use crate::model::unet::{Conditioning, UNet2DConditionModel};
 use crate::model::vae::AutoencoderKL;
 use crate::model::weights::{find_weights, open, open_rounded};
 
@@ -222,6 +222,27 @@ impl StableDiffusion {
         on_step: &mut dyn FnMut(usize, usize) -> Result<()>,
     ) -> Result<Tensor> {
         let shape = self.latent_shape(params.width, params.height)?;
+        let mut sampler = self.sampler(params, lora)?;
+        let noise = match &params.latents {
+            Some(l) => self.check_latents(l, shape)?,
+            None => sampler.rng.randn(shape, self.dtype, &self.device)?,
+        };
+        let latents = (noise * sampler.scheduler.init_noise_sigma())?;
+        let latents = self.denoise(&mut sampler, latents, 0, &lora.unet, &mut |_, _, l| Ok(l), on_step)?;
+        Ok(self.decode(&latents)?)
+    }
+
+    /// Given initial latents (or noise) `[1, C, h, w]` on the model's device and dtype.
+    pub fn check_latents(&self, latents: &Tensor, shape: (usize, usize, usize, usize)) -> Result<Tensor> {
+        if latents.dims() != [shape.0, shape.1, shape.2, shape.3] {
+            bail!("latents must have shape {:?}, got {:?}", shape, latents.dims())
+        }
+        Ok(latents.to_dtype(self.dtype)?.to_device(&self.device)?)
+    }
+
+    /// What a sampling loop runs with for `params`: the text embeddings (through the text
+    /// encoder's adapters), the scheduler and the seeded noise stream.
+    pub fn sampler(&self, params: &GenerateParams, lora: &PipelineLora) -> Result<Sampler> {
         let cond = self.conditioning(
             &params.prompt,
             params.negative_prompt.as_deref(),
@@ -229,24 +250,36 @@ impl StableDiffusion {
             (params.width, params.height),
             lora,
         )?;
-        let mut scheduler = params.scheduler.build(&self.scheduler_config, params.steps, params.eta)?;
-        let mut rng = NoiseRng::new(params.seed);
-        let noise = match &params.latents {
-            Some(l) if l.dims() != [shape.0, shape.1, shape.2, shape.3] => {
-                bail!("latents must have shape {:?}, got {:?}", shape, l.dims())
-            }
-            Some(l) => l.to_dtype(self.dtype)?.to_device(&self.device)?,
-            None => rng.randn(shape, self.dtype, &self.device)?,
-        };
-        let mut latents = (noise * scheduler.init_noise_sigma())?;
-        let timesteps = scheduler.timesteps().to_vec();
-        for (i, &t) in timesteps.iter().enumerate() {
-            let input = scheduler.scale_model_input(&latents, i)?;
-            let eps = guided_noise_pred(&self.unet, &input, t, &cond, params.guidance_scale, &lora.unet)?;
-            latents = scheduler.step(&eps, i, &latents, &mut rng)?;
-            on_step(i + 1, timesteps.len())?;
+        Ok(Sampler {
+            scheduler: params.scheduler.build(&self.scheduler_config, params.steps, params.eta)?,
+            rng: NoiseRng::new(params.seed),
+            cond,
+            guidance_scale: params.guidance_scale,
+        })
+    }
+
+    /// Denoises `latents` over the scheduler's steps from index `start` on. After each
+    /// scheduler step, `blend(scheduler, step, latents)` gives the latents to go on with
+    /// (inpainting puts the known region back); `on_step(done, total)` reports progress and
+    /// may stop it.
+    pub fn denoise(
+        &self,
+        sampler: &mut Sampler,
+        mut latents: Tensor,
+        start: usize,
+        lora: &LoraSet,
+        blend: &mut dyn FnMut(&dyn Scheduler, usize, Tensor) -> Result<Tensor>,
+        on_step: &mut dyn FnMut(usize, usize) -> Result<()>,
+    ) -> Result<Tensor> {
+        let timesteps = sampler.scheduler.timesteps().to_vec();
+        for (i, &t) in timesteps.iter().enumerate().skip(start) {
+            let input = sampler.scheduler.scale_model_input(&latents, i)?;
+            let eps = guided_noise_pred(&self.unet, &input, t, &sampler.cond, sampler.guidance_scale, lora)?;
+            latents = sampler.scheduler.step(&eps, i, &latents, &mut sampler.rng)?;
+            latents = blend(sampler.scheduler.as_ref(), i, latents)?;
+            on_step(i + 1 - start, timesteps.len() - start)?;
         }
-        Ok(self.decode(&latents)?)
+        Ok(latents)
     }
 }
 
@@ -277,3 +310,11 @@ fn check_sdxl(unet: &UNetConfig, te1: &ClipTextModel, te2: &ClipTextModel) -> Re
     Ok(())
 }
 
+/// A sampling loop's state: scheduler, seeded noise stream, text embeddings and guidance.
+pub struct Sampler {
+    pub scheduler: Box<dyn Scheduler>,
+    pub rng: NoiseRng,
+    /// The text conditions: batch 2 (negative first) with guidance, else 1.
+    pub cond: Conditioning,
+    pub guidance_scale: f64,
+}

@@ -1,18 +1,22 @@
-//! LoRA adapter files (diffusers, peft and kohya key formats), parsed and validated against
-//! the base model.
+//! LoRA adapter files (diffusers, peft and kohya key formats; LoRA, LoCon, LyCORIS LoHa and
+//! LoKr, DoRA), parsed and validated against the base model.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
-use safetensors::tensor::TensorView;
-use safetensors::{Dtype, SafeTensors};
+use candle_core::Device;
+use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::dora::Dora;
+use super::keys::{Role, DOTTED as DOTTED_SUFFIXES};
+use super::module::{Found, PeftAlpha};
 use super::targets::{Component, LoraTargets};
+use super::update::Update;
+use super::values;
 use super::{LoraDelta, PipelineLora};
 
 /// Offending keys listed per problem in an error message.
@@ -31,7 +35,8 @@ pub enum LoraFormat {
     Peft,
     /// `lora_unet_<path_with_underscores>.lora_down.weight`, `lora_te_…` (`lora_te1_…`,
     /// `lora_te2_…` for SDXL's two text encoders; SDXL UNet paths also in the original
-    /// `input_blocks_…` naming sd-scripts writes).
+    /// `input_blocks_…` naming sd-scripts writes); also LyCORIS's `hada_*` / `lokr_*` /
+    /// `lora_mid` / `dora_scale` keys.
     Kohya,
 }
 
@@ -51,24 +56,25 @@ impl fmt::Display for LoraFormat {
     }
 }
 
-/// One adapted module: the update of its weight is `alpha_scale · up · down`.
+/// One adapted module: the update of its weight is `alpha_scale · ΔW`, renormalised when it
+/// carries a DoRA magnitude.
 #[derive(Clone, Debug)]
 pub struct LoraModule {
     pub component: Component,
     pub path: String,
-    /// `[rank, in]` or `[rank, in, kh, kw]`, f32.
-    pub down: Tensor,
-    /// `[out, rank]` or `[out, rank, 1, 1]`, f32.
-    pub up: Tensor,
+    /// ΔW in its factored form (f32).
+    pub update: Update,
+    /// DoRA's magnitude, for a weight-decomposed module.
+    pub dora: Option<Dora>,
     /// The alpha the file gives for this module, if any.
     pub alpha: Option<f64>,
-    /// `alpha / rank` (1 without an alpha).
+    /// `alpha / rank` (1 without an alpha, or for a LoKr of two full factors).
     pub alpha_scale: f64,
 }
 
 impl LoraModule {
     pub fn rank(&self) -> usize {
-        self.down.dims()[0]
+        self.update.rank()
     }
 }
 
@@ -79,16 +85,8 @@ pub struct LoraAdapter {
     modules: Vec<LoraModule>,
 }
 
-/// What a tensor key holds.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Role {
-    Down,
-    Up,
-    Alpha,
-}
-
 /// A tensor key understood as `(format, component, module path, role)`. The format is
-/// `None` for an `.alpha` key in dotted form, which any dotted format may carry.
+/// `None` for the dotted keys (`.alpha`, `.lora_magnitude_vector`) both dotted formats carry.
 struct ParsedKey<'k> {
     format: Option<LoraFormat>,
     component: Component,
@@ -106,14 +104,6 @@ enum KeyError {
     NoTextEncoder2,
 }
 
-/// The tensors found for one module.
-struct Parts<'a> {
-    base: &'a [usize],
-    down: Option<(&'a str, TensorView<'a>)>,
-    up: Option<(&'a str, TensorView<'a>)>,
-    alpha: Option<(&'a str, TensorView<'a>)>,
-}
-
 /// Offending keys grouped by problem, reported together in one error.
 #[derive(Default)]
 struct Problems(BTreeMap<&'static str, Vec<String>>);
@@ -123,7 +113,7 @@ impl Problems {
         self.0.entry(problem).or_default().push(key.into());
     }
 
-    fn check(self) -> Result<()> {
+    fn check(&self) -> Result<()> {
         if self.0.is_empty() {
             return Ok(());
         }
@@ -170,7 +160,7 @@ impl LoraAdapter {
         names.sort_unstable();
         let mut problems = Problems::default();
         let mut formats = BTreeMap::<LoraFormat, &str>::new();
-        let mut parts = BTreeMap::<(Component, &str), Parts>::new();
+        let mut found = BTreeMap::<(Component, &str), Found>::new();
         for name in names {
             let key = match parse_key(name, targets) {
                 Ok(key) => key,
@@ -191,27 +181,19 @@ impl LoraAdapter {
                 formats.entry(format).or_insert(name);
             }
             let view = file.tensor(name)?;
-            let entry = parts
+            let entry = found
                 .entry((key.component, key.path))
-                .or_insert_with(|| Parts {
-                    base: key.base,
-                    down: None,
-                    up: None,
-                    alpha: None,
-                });
-            let slot = match key.role {
-                Role::Down => &mut entry.down,
-                Role::Up => &mut entry.up,
-                Role::Alpha => &mut entry.alpha,
-            };
-            if let Some((first, _)) = slot.replace((name, view)) {
+                .or_insert_with(|| Found::new(key.base));
+            if let Some(first) = entry.insert(key.role, name, view) {
                 problems.add(
                     "keys given twice for one module",
                     format!("{first} and {name}"),
                 );
             }
         }
-        if formats.len() > 1 {
+        // diffusers itself writes both dotted namings in one file (it renames only the
+        // attention projections' factors), but kohya keys never come with dotted ones
+        if formats.contains_key(&LoraFormat::Kohya) && formats.len() > 1 {
             for (format, key) in &formats {
                 problems.add(
                     "keys of different formats mixed",
@@ -220,67 +202,19 @@ impl LoraAdapter {
             }
         }
 
-        let mut modules = Vec::with_capacity(parts.len());
-        for ((component, path), p) in parts {
-            let (down, up) = match (p.down, p.up) {
-                (Some(down), Some(up)) => (down, up),
-                (Some((key, _)), None) => {
-                    problems.add("missing up weight", key);
-                    continue;
-                }
-                (None, Some((key, _))) => {
-                    problems.add("missing down weight", key);
-                    continue;
-                }
-                (None, None) => {
-                    problems.add(
-                        "alpha without weights",
-                        p.alpha.map_or(path, |(key, _)| key),
-                    );
-                    continue;
-                }
-            };
-            for (key, view) in [Some(&down), Some(&up), p.alpha.as_ref()]
-                .into_iter()
-                .flatten()
-            {
-                if float_dtype(view.dtype()).is_none() {
-                    problems.add(
-                        "unsupported dtypes (need a float type)",
-                        format!("{key} {:?}", view.dtype()),
-                    );
-                }
+        let mut checked = Vec::with_capacity(found.len());
+        for ((component, path), module) in found {
+            match module.check() {
+                Ok(kind) => checked.push((component, path, module, kind)),
+                Err((problem, detail)) => problems.add(problem, detail),
             }
-            let base = p.base;
-            if !fits(base, down.1.shape(), up.1.shape()) {
-                problems.add(
-                    "shapes that do not fit the base weight",
-                    format!(
-                        "{} {:?} / {} {:?} (base weight {base:?})",
-                        down.0,
-                        down.1.shape(),
-                        up.0,
-                        up.1.shape()
-                    ),
-                );
-                continue;
-            }
-            if let Some((key, view)) = &p.alpha {
-                if view.shape().iter().product::<usize>() != 1 {
-                    problems.add("alpha is not a scalar", *key);
-                }
-            }
-            if problems.0.is_empty() {
-                let alpha = p.alpha.as_ref().map(|(_, view)| view);
-                modules.push(load_module(
-                    component,
-                    path,
-                    base,
-                    [&down.1, &up.1],
-                    alpha,
-                    &peft,
-                    device,
-                )?);
+        }
+        problems.check()?;
+        let mut modules = Vec::with_capacity(checked.len());
+        for (component, path, module, kind) in checked {
+            match module.load(kind, component, path, peft.alpha(component)?, device) {
+                Ok(m) => modules.push(m),
+                Err((problem, detail)) => problems.add(problem, detail),
             }
         }
         problems.check()?;
@@ -327,23 +261,43 @@ impl LoraAdapter {
         self.modules.len()
     }
 
-    /// Number of LoRA parameters (down and up factors).
-    pub fn num_params(&self) -> usize {
+    /// Every stored tensor: factors and DoRA magnitudes.
+    fn tensors(&self) -> impl Iterator<Item = &candle_core::Tensor> {
         self.modules
             .iter()
-            .map(|m| m.down.elem_count() + m.up.elem_count())
+            .flat_map(|m| m.update.tensors().into_iter().chain(m.dora.as_ref().map(|d| &d.magnitude)))
+    }
+
+    /// Number of adapter parameters (factors and DoRA magnitudes).
+    pub fn num_params(&self) -> usize {
+        self.tensors().map(|t| t.elem_count()).sum()
+    }
+
+    /// Bytes held by the parameters in memory.
+    pub fn size_bytes(&self) -> usize {
+        self.tensors()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
             .sum()
     }
 
-    /// Bytes held by the factors in memory.
-    pub fn size_bytes(&self) -> usize {
-        self.modules
+    /// The factorisations used, sorted: `lora`, `locon_tucker`, `loha`, `lokr`, and `dora`
+    /// when any module is weight-decomposed.
+    pub fn algorithms(&self) -> Vec<&'static str> {
+        let names: BTreeSet<&'static str> = self
+            .modules
             .iter()
-            .map(|m| {
-                m.down.elem_count() * m.down.dtype().size_in_bytes()
-                    + m.up.elem_count() * m.up.dtype().size_in_bytes()
+            .flat_map(|m| {
+                let kind = match m.update {
+                    Update::LowRank { .. } => "lora",
+                    Update::Tucker { .. } => "locon_tucker",
+                    Update::Hadamard(_) => "loha",
+                    Update::Kronecker(_) => "lokr",
+                };
+                [Some(kind), m.dora.as_ref().map(|_| "dora")]
             })
-            .sum()
+            .flatten()
+            .collect();
+        names.into_iter().collect()
     }
 
     /// Adds every module's delta, scaled by `weight`, to `lora`. The factors are shared, not
@@ -353,9 +307,9 @@ impl LoraAdapter {
             lora.component_mut(m.component).push(
                 m.path.clone(),
                 LoraDelta {
-                    down: m.down.clone(),
-                    up: m.up.clone(),
+                    update: m.update.clone(),
                     scale: weight * m.alpha_scale,
+                    dora: m.dora.clone(),
                 },
             );
         }
@@ -376,23 +330,6 @@ fn parse_key<'k>(key: &'k str, targets: &'k LoraTargets) -> Result<ParsedKey<'k>
         ("text_encoder_2.", Component::TextEncoder2),
         ("base_model.model.", Component::Unet),
     ];
-    const SUFFIXES: [(&str, Option<LoraFormat>, Role); 7] = [
-        (".lora.down.weight", Some(LoraFormat::Diffusers), Role::Down),
-        (".lora.up.weight", Some(LoraFormat::Diffusers), Role::Up),
-        (
-            ".lora_linear_layer.down.weight",
-            Some(LoraFormat::Diffusers),
-            Role::Down,
-        ),
-        (
-            ".lora_linear_layer.up.weight",
-            Some(LoraFormat::Diffusers),
-            Role::Up,
-        ),
-        (".lora_A.weight", Some(LoraFormat::Peft), Role::Down),
-        (".lora_B.weight", Some(LoraFormat::Peft), Role::Up),
-        (".alpha", None, Role::Alpha),
-    ];
     let present = |component| match component {
         Component::TextEncoder2 if !targets.has(component) => Err(KeyError::NoTextEncoder2),
         _ => Ok(()),
@@ -403,12 +340,7 @@ fn parse_key<'k>(key: &'k str, targets: &'k LoraTargets) -> Result<ParsedKey<'k>
         };
         present(component)?;
         let (name, suffix) = rest.split_once('.').ok_or(KeyError::Unknown)?;
-        let role = match suffix {
-            "lora_down.weight" => Role::Down,
-            "lora_up.weight" => Role::Up,
-            "alpha" => Role::Alpha,
-            _ => return Err(KeyError::Unknown),
-        };
+        let role = Role::kohya(suffix).ok_or(KeyError::Unknown)?;
         let path = targets
             .from_underscored(component, name)
             .or_else(|| sgm_path(targets, component, name))
@@ -427,7 +359,7 @@ fn parse_key<'k>(key: &'k str, targets: &'k LoraTargets) -> Result<ParsedKey<'k>
             continue;
         };
         present(component)?;
-        for (suffix, format, role) in SUFFIXES {
+        for (suffix, format, role) in DOTTED_SUFFIXES {
             let Some(path) = rest.strip_suffix(suffix) else {
                 continue;
             };
@@ -448,89 +380,6 @@ fn parse_key<'k>(key: &'k str, targets: &'k LoraTargets) -> Result<ParsedKey<'k>
 fn sgm_path<'t>(targets: &'t LoraTargets, component: Component, name: &str) -> Option<&'t str> {
     let diffusers = super::sgm::to_diffusers(name, targets.unet_layers_per_block())?;
     (component == Component::Unet).then(|| targets.from_underscored(component, &diffusers)).flatten()
-}
-
-/// Whether `down` / `up` fit a base weight of shape `base` (`[out, in]` or `[out, in, kh, kw]`):
-/// down `[r, in]` / `[r, in, kh, kw]` and up `[out, r]` / `[out, r, 1, 1]`, with r > 0. A 1×1
-/// kernel may be given or left out on either side.
-fn fits(base: &[usize], down: &[usize], up: &[usize]) -> bool {
-    let (out, input, kernel) = (base[0], base[1], &base[2..]);
-    let Some(&r) = down.first() else { return false };
-    let pointwise = kernel.iter().all(|&k| k == 1);
-    let down_ok = match &down[1..] {
-        [i] => *i == input && pointwise,
-        [i, 1, 1] if pointwise => *i == input,
-        [i, kh, kw] => *i == input && kernel == [*kh, *kw],
-        _ => false,
-    };
-    let up_ok = matches!(up, [o, ur] | [o, ur, 1, 1] if *o == out && *ur == r);
-    r > 0 && down_ok && up_ok
-}
-
-/// Loads one module's factors as f32, flattening 1×1 kernels of linear layers, and works out
-/// its scale.
-fn load_module(
-    component: Component,
-    path: &str,
-    base: &[usize],
-    [down, up]: [&TensorView; 2],
-    alpha: Option<&TensorView>,
-    peft: &PeftConfig,
-    device: &Device,
-) -> Result<LoraModule> {
-    let load = |view: &TensorView| -> Result<Tensor> {
-        let t = to_f32(view)?;
-        let t = if base.len() == 2 && t.rank() == 4 {
-            t.flatten_from(1)?
-        } else {
-            t
-        };
-        Ok(t.to_device(device)?)
-    };
-    let (down, up) = (load(down)?, load(up)?);
-    let rank = down.dims()[0] as f64;
-    let (alpha, alpha_scale) = match alpha {
-        Some(view) => {
-            let a = to_f32(view)?.flatten_all()?.to_vec1::<f32>()?[0] as f64;
-            (Some(a), a / rank)
-        }
-        None => match peft.alpha(component)? {
-            Some(a) if peft.rslora(component) => (Some(a), a / rank.sqrt()),
-            Some(a) => (Some(a), a / rank),
-            None => (None, 1.0),
-        },
-    };
-    if !alpha_scale.is_finite() {
-        bail!("alpha of {component} module {path} is not finite");
-    }
-    Ok(LoraModule {
-        component,
-        path: path.to_string(),
-        down,
-        up,
-        alpha,
-        alpha_scale,
-    })
-}
-
-/// The candle dtype of a floating-point safetensors dtype.
-fn float_dtype(dtype: Dtype) -> Option<DType> {
-    match dtype {
-        Dtype::F16 => Some(DType::F16),
-        Dtype::BF16 => Some(DType::BF16),
-        Dtype::F32 => Some(DType::F32),
-        Dtype::F64 => Some(DType::F64),
-        _ => None,
-    }
-}
-
-/// Loads a floating-point tensor on the CPU as f32.
-fn to_f32(view: &TensorView) -> Result<Tensor> {
-    let dtype = float_dtype(view.dtype()).context("not a floating-point tensor")?;
-    Ok(
-        Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)?
-            .to_dtype(DType::F32)?,
-    )
 }
 
 /// The peft `LoraConfig` diffusers stores in the file's metadata, either flat (`lora_alpha`)
@@ -556,20 +405,22 @@ impl PeftConfig {
             .or_else(|| self.0.get(field))
     }
 
-    fn alpha(&self, component: Component) -> Result<Option<f64>> {
-        match self.get(component, "lora_alpha") {
-            None | Some(Value::Null) => Ok(None),
+    /// `(lora_alpha, use_rslora)` for `component`, if the metadata gives an alpha.
+    fn alpha(&self, component: Component) -> Result<PeftAlpha> {
+        let alpha = match self.get(component, "lora_alpha") {
+            None | Some(Value::Null) => return Ok(None),
             Some(v) => v
                 .as_f64()
-                .map(Some)
-                .context(format!("metadata lora_alpha is not a number: {v}")),
+                .context(format!("metadata lora_alpha is not a number: {v}"))?,
+        };
+        if let Some(problem) = values::problem(alpha.abs()) {
+            bail!("invalid LoRA adapter: metadata lora_alpha {alpha:e}: {problem}");
         }
-    }
-
-    fn rslora(&self, component: Component) -> bool {
-        self.get(component, "use_rslora")
+        let rslora = self
+            .get(component, "use_rslora")
             .and_then(Value::as_bool)
-            .unwrap_or(false)
+            .unwrap_or(false);
+        Ok(Some((alpha, rslora)))
     }
 }
 
@@ -601,18 +452,5 @@ mod tests {
             "to_out.0"
         );
         assert_eq!(layer_name("conv_in"), "conv_in");
-    }
-
-    #[test]
-    fn shape_fit() {
-        assert!(fits(&[32, 16], &[4, 16], &[32, 4]));
-        assert!(fits(&[32, 16], &[4, 16, 1, 1], &[32, 4, 1, 1]));
-        assert!(fits(&[32, 16, 1, 1], &[4, 16], &[32, 4]));
-        assert!(fits(&[32, 16, 3, 3], &[4, 16, 3, 3], &[32, 4, 1, 1]));
-        assert!(!fits(&[32, 16, 3, 3], &[4, 16], &[32, 4]));
-        assert!(!fits(&[32, 16], &[4, 17], &[32, 4]));
-        assert!(!fits(&[32, 16], &[4, 16], &[32, 3]));
-        assert!(!fits(&[32, 16], &[0, 16], &[32, 0]));
-        assert!(!fits(&[32, 16], &[], &[32, 4]));
     }
 }

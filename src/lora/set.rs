@@ -4,17 +4,25 @@ use std::collections::HashMap;
 
 use candle_core::Tensor;
 
+use super::dora::Dora;
+use super::update::Update;
 use super::Component;
 
-/// One low-rank update `scale · up · down` of a module's weight.
-///
-/// `down` is `[rank, in]` (or `[rank, in, kh, kw]` for a convolution) and `up` is `[out, rank]`
-/// (or `[out, rank, 1, 1]`). `scale` folds together the request weight and `alpha / rank`.
+/// One adapter's update of a module's weight: `scale · ΔW`, renormalised by DoRA when the
+/// module is weight-decomposed. `scale` folds together the request weight and `alpha / rank`.
 #[derive(Clone, Debug)]
 pub struct LoraDelta {
-    pub down: Tensor,
-    pub up: Tensor,
+    pub update: Update,
     pub scale: f64,
+    pub dora: Option<Dora>,
+}
+
+impl LoraDelta {
+    /// A low-rank update `scale · up · down`: `down` is `[rank, in]` (or `[rank, in, kh, kw]`
+    /// for a convolution) and `up` is `[out, rank]` (or `[out, rank, 1, 1]`).
+    pub fn low_rank(down: Tensor, up: Tensor, scale: f64) -> Self {
+        Self { update: Update::LowRank { down, up }, scale, dora: None }
+    }
 }
 
 /// The deltas applied in one forward pass of one model component. Building a set never

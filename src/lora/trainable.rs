@@ -51,13 +51,14 @@ impl TrainableLora {
     pub fn from_adapter(adapter: &LoraAdapter, dtype: DType, device: &Device) -> anyhow::Result<Self> {
         let mut modules = Vec::new();
         for m in adapter.modules() {
-            if m.component != Component::Unet || m.down.rank() != 2 {
-                anyhow::bail!("only UNet linear-layer adapters can be trained further; {} is not one", m.path);
-            }
-            let up = (&m.up * m.alpha_scale)?;
+            let (down, up) = match m.update.low_rank() {
+                Some((down, up)) if m.component == Component::Unet && down.rank() == 2 && m.dora.is_none() => (down, up),
+                _ => anyhow::bail!("only UNet linear-layer LoRA adapters can be trained further; {} is not one", m.path),
+            };
+            let up = (up * m.alpha_scale)?;
             modules.push(TrainableModule {
                 path: m.path.clone(),
-                down: Var::from_tensor(&m.down.to_dtype(dtype)?.to_device(device)?)?,
+                down: Var::from_tensor(&down.to_dtype(dtype)?.to_device(device)?)?,
                 up: Var::from_tensor(&up.to_dtype(dtype)?.to_device(device)?)?,
             });
         }
@@ -104,7 +105,7 @@ impl TrainableLora {
     fn build_set(&self, view: impl Fn(&Var) -> Tensor) -> LoraSet {
         let mut set = LoraSet::default();
         for m in &self.modules {
-            set.push(m.path.clone(), LoraDelta { down: view(&m.down), up: view(&m.up), scale: self.scale() });
+            set.push(m.path.clone(), LoraDelta::low_rank(view(&m.down), view(&m.up), self.scale()));
         }
         set
     }

@@ -6,7 +6,7 @@
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
-use crate::lora::LoraSet;
+use crate::lora::{apply_deltas, Layer, LoraSet};
 use crate::model::ops;
 
 /// A linear layer that may carry LoRA deltas, looked up by its module path at forward time.
@@ -24,13 +24,11 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor, lora: &LoraSet) -> Result<Tensor> {
-        let mut y = linear(x, &self.inner)?;
-        for d in lora.get(&self.path) {
-            let down = candle_nn::Linear::new(d.down.to_dtype(x.dtype())?, None);
-            let up = candle_nn::Linear::new(d.up.to_dtype(x.dtype())?, None);
-            y = (y + (linear(&linear(x, &down)?, &up)? * d.scale)?)?;
+        let y = linear(x, &self.inner)?;
+        match lora.get(&self.path) {
+            [] => Ok(y),
+            deltas => apply_deltas(Layer::Linear, run_layer, x, y, self.inner.weight(), self.inner.bias(), deltas),
         }
-        Ok(y)
     }
 }
 
@@ -46,8 +44,15 @@ pub fn linear(x: &Tensor, layer: &candle_nn::Linear) -> Result<Tensor> {
     }
 }
 
-/// A 2-D convolution that may carry LoRA deltas (kohya "LoCon": a down conv with the base
-/// kernel, stride and padding, then a 1×1 up conv).
+/// How adapters run their products ([`crate::lora::Kernel`]): as the base layers do.
+fn run_layer(layer: Layer, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    match layer {
+        Layer::Linear => linear(x, &candle_nn::Linear::new(w.clone(), None)),
+        Layer::Conv2d(cfg) => Conv2d::conv(x, w, None, cfg),
+    }
+}
+
+/// A 2-D convolution that may carry LoRA deltas (kohya "LoCon", LyCORIS, DoRA).
 #[derive(Clone, Debug)]
 pub struct Conv2d {
     weight: Tensor,
@@ -87,18 +92,11 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor, lora: &LoraSet) -> Result<Tensor> {
-        let mut y = Self::conv(x, &self.weight, self.bias.as_ref(), &self.cfg)?;
-        for d in lora.get(&self.path) {
-            let as_kernel = |t: &Tensor| match t.rank() {
-                2 => t.to_dtype(x.dtype())?.unsqueeze(2)?.unsqueeze(3),
-                _ => t.to_dtype(x.dtype()),
-            };
-            let (down, up) = (as_kernel(&d.down)?, as_kernel(&d.up)?);
-            let h = Self::conv(x, &down, None, &self.cfg)?;
-            let h = Self::conv(&h, &up, None, &candle_nn::Conv2dConfig::default())?;
-            y = (y + (h * d.scale)?)?;
+        let y = Self::conv(x, &self.weight, self.bias.as_ref(), &self.cfg)?;
+        match lora.get(&self.path) {
+            [] => Ok(y),
+            deltas => apply_deltas(Layer::Conv2d(&self.cfg), run_layer, x, y, &self.weight, self.bias.as_ref(), deltas),
         }
-        Ok(y)
     }
 }
 

@@ -37,7 +37,7 @@ pub struct ImageGenerationRequest {
     #[serde(default)]
     #[schema(example = "512x512")]
     pub size: Option<String>,
-    /// Only `b64_json` is supported; `url` gets a 400.
+    /// Only `b64_json`.
     #[serde(default)]
     pub response_format: Option<ResponseFormat>,
     /// Image file format (default `png`).
@@ -129,13 +129,28 @@ fn one() -> f64 {
     1.0
 }
 
-/// How images are returned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+/// How images are returned. `url` is understood only to be refused with a clear 400, so the
+/// document lists `b64_json` alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ResponseFormat {
     B64Json,
     Url,
 }
+
+impl utoipa::PartialSchema for ResponseFormat {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .enum_values(Some(["b64_json"]))
+            .description(Some("How images are returned: base64 in the response (`url` is refused with a 400)"))
+            .build()
+            .into()
+    }
+}
+
+impl ToSchema for ResponseFormat {}
 
 /// Image file format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, ToSchema)]
@@ -227,6 +242,89 @@ pub struct GenerationParameters {
     pub loras: Vec<AppliedLora>,
     pub output_format: ImageFormat,
     pub output_compression: u32,
+    /// Edits only: what was done with the input image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edit: Option<EditParameters>,
+}
+
+/// The effective parameters of an edit (`POST /v1/images/edits`).
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+pub struct EditParameters {
+    pub mode: EditMode,
+    /// The share of the schedule redone, in (0, 1]: the last `⌊steps × strength⌋` steps run.
+    pub strength: f64,
+    /// SHA-256 of the uploaded image file.
+    pub image_sha256: String,
+    /// SHA-256 of the uploaded mask file (inpainting).
+    #[schema(required = true)]
+    pub mask_sha256: Option<String>,
+}
+
+/// How an edit uses its input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EditMode {
+    /// No mask: the whole image is noised and denoised (diffusers' `StableDiffusionImg2ImgPipeline`).
+    ImageToImage,
+    /// With a mask: only the masked region is repainted (diffusers' `StableDiffusionInpaintPipeline`).
+    Inpaint,
+}
+
+/// `POST /v1/images/edits` (and `POST /v1/images/jobs` as `multipart/form-data`): OpenAI's
+/// image edit form, as the OpenAI SDKs send it, plus the generation extensions. Text fields
+/// carry numbers as text; unknown fields are ignored. (The form's schema; it is parsed by
+/// `server::edit_form`.)
+#[derive(ToSchema)]
+pub struct ImageEditForm {
+    /// The image to edit (PNG, JPEG or WebP, at most 4096 pixels a side). Also accepted as
+    /// `image[]`, with one file. An alpha channel is ignored.
+    #[schema(value_type = String, format = Binary)]
+    pub image: Vec<u8>,
+    /// Inpainting mask: where it is white (luma ≥ 0.5) the image is repainted, where black it
+    /// is kept; a mask with transparent pixels instead repaints where it is more than half
+    /// transparent (OpenAI's convention). Resized to the output size. Without a mask the
+    /// whole image is edited (image-to-image).
+    #[schema(value_type = Option<String>, format = Binary)]
+    pub mask: Option<Vec<u8>>,
+    /// Text prompt.
+    pub prompt: String,
+    /// Accepted for OpenAI compatibility.
+    pub model: Option<String>,
+    /// Number of images, 1..=`--max-n` (default 1). Image `i` uses seed `seed + i`.
+    #[schema(minimum = 1)]
+    pub n: Option<u32>,
+    /// Output `WIDTHxHEIGHT`; the image (and mask) are resized to it. Absent or `auto`: the
+    /// image's size, rounded down to a multiple of the VAE scale.
+    pub size: Option<String>,
+    /// Only `b64_json`.
+    pub response_format: Option<ResponseFormat>,
+    pub output_format: Option<ImageFormat>,
+    #[schema(minimum = 0, maximum = 100)]
+    pub output_compression: Option<u32>,
+    /// Extension: the share of the schedule redone, in (0, 1]. Default as diffusers: 0.8
+    /// without a mask, 1 with one (SDXL: 0.3 and 0.9999). At least one step must run:
+    /// `⌊steps × strength⌋ ≥ 1`.
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
+    pub strength: Option<f64>,
+    /// Extension, as in `POST /v1/images/generations`.
+    pub negative_prompt: Option<String>,
+    /// Extension: denoising steps of the full schedule, 1..=`--max-steps`.
+    #[schema(minimum = 1)]
+    pub steps: Option<u32>,
+    /// Extension: classifier-free guidance scale, 0..=30.
+    #[schema(minimum = 0.0, maximum = 30.0)]
+    pub guidance_scale: Option<f64>,
+    /// Extension: seed of the first image; -1 or absent draws one.
+    #[schema(minimum = -1)]
+    pub seed: Option<i64>,
+    pub scheduler: Option<SchedulerName>,
+    /// Extension: DDIM eta in 0..=1.
+    #[schema(minimum = 0.0, maximum = 1.0)]
+    pub eta: Option<f64>,
+    /// Extension: adapters as a JSON array, e.g. `[{"name": "style", "weight": 0.8}]`. The
+    /// OpenAI SDKs' `extra_body` form (`loras[][name]`, `loras[][weight]`) is read too when
+    /// every adapter gives both.
+    pub loras: Option<String>,
 }
 
 /// An adapter as applied to a request.
@@ -351,6 +449,19 @@ pub struct ImageJob {
     pub events_url: String,
     /// `POST` here to cancel.
     pub cancel_url: String,
+}
+
+/// One server-sent event of `GET /v1/images/jobs/{id}/events`: the `text/event-stream` body
+/// is a sequence of these, each as `event:`, `id:` and `data:` lines.
+#[derive(ToSchema)]
+pub struct ImageJobStreamEvent {
+    /// `queued`, `progress` (running: one per step, coalesced when the client is slow), then
+    /// one of `succeeded`, `failed` or `cancelled`, after which the stream ends.
+    pub event: String,
+    /// Increases with every change of the job.
+    pub id: String,
+    /// The job as `GET /v1/images/jobs/{id}` returns it (`result` set once succeeded), as JSON.
+    pub data: ImageJob,
 }
 
 // ---------------------------------------------------------------------------------------------

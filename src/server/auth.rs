@@ -9,7 +9,14 @@ use super::error::ApiError;
 use super::state::AppState;
 
 /// Paths that never need the key.
-pub const EXEMPT: &[&str] = &["/health", "/ready", "/metrics", "/docs", "/openapi.json"];
+pub const EXEMPT: &[&str] = &[
+    "/health",
+    "/ready",
+    "/metrics",
+    "/docs",
+    "/docs/redoc.standalone.js",
+    "/openapi.json",
+];
 
 /// Byte comparison whose time does not depend on where the inputs differ.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

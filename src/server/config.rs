@@ -72,6 +72,13 @@ pub struct ServerConfig {
     /// /align training jobs run at once (each takes one thread; the rest wait in the queue).
     #[arg(long, env = "SDSERVE_ALIGN_WORKERS", default_value_t = 1)]
     pub align_workers: usize,
+    /// Seconds a client may take to send a request's headers, and that an idle kept-alive
+    /// connection stays open (then the connection closes).
+    #[arg(long, env = "SDSERVE_HEADER_TIMEOUT_S", default_value_t = 30)]
+    pub header_timeout_s: u64,
+    /// Seconds a client may pause while sending a request body (then the request gets a 408).
+    #[arg(long, env = "SDSERVE_BODY_TIMEOUT_S", default_value_t = 30)]
+    pub body_timeout_s: u64,
     /// Folder with the weights of model-based rewards (`object_count/`, `aesthetic/`, ...).
     #[arg(long, env = "SDSERVE_REWARD_MODELS", default_value = DEFAULT_REWARD_MODELS_DIR)]
     pub reward_models: PathBuf,
@@ -140,6 +147,9 @@ pub struct Limits {
     /// Most adapters in one request.
     #[arg(long, env = "SDSERVE_MAX_LORAS", default_value_t = 8)]
     pub max_loras: usize,
+    /// Largest body of an image edit (image, mask and fields, multipart), in MiB.
+    #[arg(long, env = "SDSERVE_MAX_IMAGE_UPLOAD_MB", default_value_t = 25)]
+    pub max_image_upload_mb: u64,
 }
 
 /// Values used when a request leaves a field out.
@@ -169,6 +179,7 @@ impl Default for Limits {
             max_n: 10,
             max_prompt_tokens: None,
             max_loras: 8,
+            max_image_upload_mb: 25,
         }
     }
 }
@@ -205,6 +216,8 @@ impl Default for ServerConfig {
             pinned_adapters: Vec::new(),
             max_upload_mb: 1024,
             align_workers: 1,
+            header_timeout_s: 30,
+            body_timeout_s: 30,
             reward_models: DEFAULT_REWARD_MODELS_DIR.into(),
             device: DeviceArgs {
                 cuda: false,
@@ -250,6 +263,8 @@ impl ServerConfig {
         anyhow::ensure!(self.align_workers >= 1, "--align-workers must be at least 1");
         anyhow::ensure!(self.limits.max_n >= 1, "--max-n must be at least 1");
         anyhow::ensure!(self.limits.max_steps >= 1, "--max-steps must be at least 1");
+        anyhow::ensure!(self.header_timeout_s >= 1, "--header-timeout-s must be at least 1");
+        anyhow::ensure!(self.body_timeout_s >= 1, "--body-timeout-s must be at least 1");
         if let Some(size) = &self.defaults.default_size {
             crate::server::api::parse_size(size).ok_or_else(|| {
                 anyhow::anyhow!("--default-size must look like 512x512, got {size:?}")

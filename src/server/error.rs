@@ -32,7 +32,7 @@ pub struct ErrorObject {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorType {
-    /// 400, 413, 415: the request is malformed or out of range.
+    /// 400, 408, 413, 414, 415, 431: the request is malformed, incomplete or out of range.
     InvalidRequestError,
     /// 401: missing or wrong API key.
     AuthenticationError,
@@ -110,6 +110,16 @@ impl ApiError {
             message,
         )
         .code("payload_too_large")
+    }
+
+    /// 408: the client stopped sending the request body.
+    pub fn body_timeout() -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            ErrorType::InvalidRequestError,
+            "the request body stopped arriving (no data within the body timeout); send it again",
+        )
+        .code("request_timeout")
     }
 
     pub fn rate_limited(message: impl Into<String>, retry_after: u64) -> Self {
@@ -240,10 +250,17 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
+/// Whether a failure to read a request body was the body timeout (see `server::http`).
+pub fn is_body_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(error), |e| e.source()).any(|e| e.is::<tower_http::timeout::TimeoutError>())
+}
+
 impl From<BytesRejection> for ApiError {
     fn from(rejection: BytesRejection) -> Self {
         let status = rejection.status();
-        if status == StatusCode::PAYLOAD_TOO_LARGE {
+        if is_body_timeout(&rejection) {
+            ApiError::body_timeout()
+        } else if status == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::payload_too_large(format!(
                 "request body too large: {}",
                 rejection.body_text()

@@ -12,12 +12,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use candle_core::Tensor;
 use tokio::sync::watch;
 
 use super::adapters::ResolvedAdapter;
 use super::api::{
     GenerationParameters, ImageJob, ImagesResponse, JobError, JobProgress, JobStatus,
 };
+use crate::engine::edit::first_step;
 use crate::engine::image::OutputFormat;
 use crate::engine::scheduler::SchedulerKind;
 use crate::stores::image_jobs::{ImageJobRecord, ImageJobStore};
@@ -56,6 +58,28 @@ pub struct JobSpec {
     pub quality: u8,
     /// The effective parameters, echoed in responses.
     pub parameters: GenerationParameters,
+    /// The input of an edit (`None` for text-to-image).
+    pub edit: Option<EditInput>,
+}
+
+/// What an edit starts from, decoded and resized to the output size.
+#[derive(Clone)]
+pub struct EditInput {
+    /// `[1, 3, H, W]` in `[0, 1]`, on the CPU.
+    pub image: Tensor,
+    /// `[1, 1, H, W]`, 1 = repaint; `None` for image-to-image.
+    pub mask: Option<Tensor>,
+    pub strength: f64,
+}
+
+impl JobSpec {
+    /// Denoising steps one image runs: all of them, or an edit's last `⌊steps × strength⌋`.
+    pub fn steps_run(&self) -> usize {
+        match &self.edit {
+            Some(e) => self.steps - first_step(self.steps, e.strength).unwrap_or(0),
+            None => self.steps,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -95,7 +119,7 @@ pub enum JobOutcome {
 
 impl Job {
     pub fn new(spec: JobSpec, retained: bool) -> Arc<Self> {
-        let total = (spec.steps * spec.seeds.len()) as u32;
+        let total = (spec.steps_run() * spec.seeds.len()) as u32;
         Arc::new(Self {
             id: format!("imgjob_{}", uuid::Uuid::new_v4().simple()),
             created: unix_now(),

@@ -6,14 +6,15 @@
 //! - [`config`]: flags and `SDSERVE_*` environment variables.
 //! - [`api`]: request/response types (also the OpenAPI schemas); [`error`]: the OpenAI-style
 //!   error envelope; [`extract`]: extractors whose rejections use it.
-//! - [`params`]: request validation into a [`jobs::JobSpec`].
+//! - [`params`]: request validation into a [`jobs::JobSpec`]; [`edit_form`] and
+//!   [`edit_params`]: the multipart form of image edits and its validation.
 //! - [`jobs`]: jobs and the bounded queue; [`worker`]: the generation threads.
 //! - [`adapters`]: the adapters this replica serves (a snapshot of the shared registry) and
 //!   their LRU cache; [`sync`]: the background tasks that keep this process in step with the
 //!   others (heartbeat, registry changes, remote cancels, ending dead processes' jobs).
 //! - [`model`]: the model, loaded in the background; [`state`]: what handlers share.
 //! - [`routes`]: handlers and the router; [`auth`], [`metrics`]: middleware; [`openapi`]: the
-//!   document.
+//!   document; [`http`]: the connections (timeouts, protocol errors, graceful shutdown).
 //! - [`align`]: the /align trainers (roles `all` and `trainer`).
 //!
 //! Shared state (jobs, the adapter registry, blobs) lives in `crate::stores`.
@@ -26,8 +27,11 @@ pub mod align;
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod edit_form;
+pub mod edit_params;
 pub mod error;
 pub mod extract;
+pub mod http;
 pub mod jobs;
 pub mod metrics;
 pub mod model;
@@ -118,9 +122,12 @@ impl Server {
                 Ok(_) => std::future::pending().await,
             }
         };
-        let serve = axum::serve(self.listener, self.router).with_graceful_shutdown(shutdown);
+        let timeouts = http::Timeouts {
+            header: Duration::from_secs(state.config.header_timeout_s),
+            body_idle: Duration::from_secs(state.config.body_timeout_s),
+        };
         let result = tokio::select! {
-            r = serve => r.context("server error"),
+            () = http::serve(self.listener, self.router, timeouts, shutdown) => Ok(()),
             e = model_failed => Err(anyhow::anyhow!("cannot load the model: {e}")),
         };
         state.stopping.store(true, std::sync::atomic::Ordering::SeqCst);

@@ -203,6 +203,7 @@ pub fn validate(
         loras: Vec::new(),
         output_format,
         output_compression,
+        edit: None,
     };
     Ok(Validated {
         spec: JobSpec {
@@ -219,6 +220,7 @@ pub fn validate(
             output_format: output_format.into(),
             quality: output_compression.clamp(1, 100) as u8,
             parameters,
+            edit: None,
         },
         lora_names: loras.into_iter().map(|l| (l.name, l.weight)).collect(),
     })

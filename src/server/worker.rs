@@ -9,6 +9,7 @@ use base64::Engine as _;
 
 use super::api::{ImageData, ImagesResponse, JobError};
 use super::jobs::{unix_now, Job, JobQueue};
+use crate::engine::edit::EditParams;
 use crate::engine::image::{encode, to_rgb};
 use crate::engine::pipeline::{GenerateParams, StableDiffusion};
 use crate::lora::PipelineLora;
@@ -105,7 +106,7 @@ fn generate(model: &StableDiffusion, job: &Job) -> anyhow::Result<ImagesResponse
     let spec = &job.spec;
     let lora = build_lora(job);
     let mut data = Vec::with_capacity(spec.seeds.len());
-    let mut last_total = spec.steps.max(1);
+    let mut last_total = spec.steps_run().max(1);
     for (i, &seed) in spec.seeds.iter().enumerate() {
         let params = GenerateParams {
             prompt: spec.prompt.clone(),
@@ -122,14 +123,27 @@ fn generate(model: &StableDiffusion, job: &Job) -> anyhow::Result<ImagesResponse
         if job.cancel_requested() {
             return Err(Cancelled.into());
         }
-        let image = model.generate(&params, &lora, &mut |done, total| {
+        let mut on_step = |done, total| {
             last_total = total;
             job.progress(i, done, total);
             if job.cancel_requested() {
                 return Err(Cancelled.into());
             }
             Ok(())
-        })?;
+        };
+        let image = match &spec.edit {
+            None => model.generate(&params, &lora, &mut on_step)?,
+            Some(edit) => {
+                let params = EditParams {
+                    generate: params,
+                    image: edit.image.clone(),
+                    mask: edit.mask.clone(),
+                    strength: edit.strength,
+                    posterior_noise: None,
+                };
+                model.edit(&params, &lora, &mut on_step)?
+            }
+        };
         let bytes = encode(&to_rgb(&image)?, spec.output_format, spec.quality)?;
         data.push(ImageData {
             b64_json: base64::engine::general_purpose::STANDARD.encode(bytes),

@@ -3,10 +3,12 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{Device, Tensor};
+use sdserve::engine::pipeline::{GenerateParams, StableDiffusion};
+use sdserve::lora::{LoraAdapter, PipelineLora};
 
 /// The tiny diffusers-made SD 1.x pipeline copied from the shared fixtures.
 pub fn fixture_dir() -> PathBuf {
@@ -69,4 +71,54 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     let a = a.to_dtype(candle_core::DType::F64).unwrap();
     let b = b.to_dtype(candle_core::DType::F64).unwrap();
     (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+}
+
+/// Peak signal-to-noise ratio of two images in [0, 1], in dB.
+pub fn psnr(a: &Tensor, b: &Tensor) -> f64 {
+    let mse = (a - b).unwrap().sqr().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+    10.0 * (1.0 / mse).log10()
+}
+
+/// The `{file, scale}` adapters of a manifest case (`lora` or `loras`).
+pub fn case_loras(case: &serde_json::Value) -> Vec<(String, f64)> {
+    use serde_json::Value;
+    let one = |v: &Value| (v["file"].as_str().unwrap().to_string(), v["scale"].as_f64().unwrap());
+    match (&case["lora"], &case["loras"]) {
+        (Value::Object(_), _) => vec![one(&case["lora"])],
+        (_, Value::Array(list)) => list.iter().map(one).collect(),
+        _ => vec![],
+    }
+}
+
+/// The adapters `files` (relative to the fixture `dir`) loaded at their scales.
+pub fn loras(sd: &StableDiffusion, dir: &Path, files: &[(String, f64)]) -> PipelineLora {
+    let mut lora = PipelineLora::default();
+    for (file, scale) in files {
+        LoraAdapter::from_file(&dir.join(file), &sd.lora_targets, &Device::Cpu).unwrap().add_to(*scale, &mut lora);
+    }
+    lora
+}
+
+/// Our image `[H, W, 3]` (f32) for a manifest case of the fixture `dir`, from its
+/// `vae_latents`, with `files` as its adapters.
+pub fn draw(sd: &StableDiffusion, dir: &Path, case: &serde_json::Value, files: &[(String, f64)]) -> Tensor {
+    let params = GenerateParams {
+        prompt: case["prompt"].as_str().unwrap().into(),
+        negative_prompt: case["negative_prompt"].as_str().map(String::from),
+        steps: case["steps"].as_u64().unwrap() as usize,
+        guidance_scale: case["guidance_scale"].as_f64().unwrap(),
+        seed: 0,
+        width: case["width"].as_u64().unwrap() as usize,
+        height: case["height"].as_u64().unwrap() as usize,
+        scheduler: case["scheduler"].as_str().unwrap().parse().unwrap(),
+        eta: case["eta"].as_f64().unwrap(),
+        latents: Some(components_of(dir)["vae_latents"].clone()),
+    };
+    let image = sd.generate(&params, &loras(sd, dir, files), &mut |_, _| Ok(())).unwrap();
+    image.to_dtype(candle_core::DType::F32).unwrap().squeeze(0).unwrap().permute((1, 2, 0)).unwrap()
+}
+
+/// The `image` of `dir/reference/<name>.safetensors`.
+pub fn reference(dir: &Path, name: &str) -> Tensor {
+    candle_core::safetensors::load(dir.join(format!("reference/{name}.safetensors")), &Device::Cpu).unwrap()["image"].clone()
 }

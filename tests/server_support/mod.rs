@@ -254,3 +254,52 @@ pub fn copy_adapter(from: &str, to_dir: &Path, name: &str) {
     )
     .unwrap();
 }
+
+/// One part of a `multipart/form-data` body: a text field, or a file with its bytes.
+#[derive(Clone, Copy)]
+pub enum Part<'a> {
+    Text(&'a str, &'a str),
+    File(&'a str, &'a str, &'a [u8]),
+}
+
+/// A `multipart/form-data` body as `(content type, bytes)`, built by hand so a test can send
+/// exactly what a client sends.
+pub fn multipart(parts: &[Part]) -> (String, Vec<u8>) {
+    let boundary = "sdserve-test-boundary-7f3a";
+    let mut body = Vec::new();
+    for part in parts {
+        body.extend(format!("--{boundary}\r\n").as_bytes());
+        match part {
+            Part::Text(name, value) => {
+                body.extend(format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n").as_bytes());
+            }
+            Part::File(name, filename, bytes) => {
+                body.extend(
+                    format!("Content-Disposition: form-data; name=\"{name}\"; filename=\"{filename}\"\r\nContent-Type: application/octet-stream\r\n\r\n")
+                        .as_bytes(),
+                );
+                body.extend(*bytes);
+                body.extend(b"\r\n");
+            }
+        }
+    }
+    body.extend(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+impl TestServer {
+    /// POSTs a multipart form.
+    pub fn post_form(&self, path: &str, parts: &[Part]) -> Response {
+        let (content_type, body) = multipart(parts);
+        self.auth(self.client.post(self.url(path)))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .unwrap()
+    }
+}
+
+/// A fixture file under `reference/edits/`.
+pub fn edit_input(name: &str) -> Vec<u8> {
+    std::fs::read(fixture_dir().join("reference/edits").join(name)).unwrap()
+}

@@ -138,4 +138,9 @@ impl Scheduler for Ddim {
         let noise = if self.eta > 0.0 { Some(rng.randn(sample.shape(), sample.dtype(), sample.device())?) } else { None };
         self.step_pure(model_output, step, sample, noise.as_ref())
     }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step: usize) -> candle_core::Result<Tensor> {
+        let a = self.alphas_cumprod[self.timesteps[step] as usize];
+        (original * a.sqrt())? + (noise * (1.0 - a).sqrt())?
+    }
 }

@@ -125,4 +125,9 @@ impl Scheduler for DpmSolverMultistep {
         let d1 = ((&x0 - &self.outputs[0])? / (h0 / h))?;
         first - (d1 * (0.5 * coef))?
     }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step: usize) -> candle_core::Result<Tensor> {
+        let (alpha, sigma) = alpha_sigma(self.sigmas[step]);
+        (original * alpha)? + (noise * sigma)?
+    }
 }

@@ -126,4 +126,8 @@ impl Scheduler for Euler {
         }
         prev.to_dtype(dtype)
     }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step: usize) -> candle_core::Result<Tensor> {
+        original + (noise * self.schedule.sigmas[step])?
+    }
 }

@@ -29,6 +29,9 @@ pub trait Scheduler: Send {
     fn scale_model_input(&self, sample: &Tensor, step: usize) -> candle_core::Result<Tensor>;
     /// The sample after step index `step` given the model output there.
     fn step(&mut self, model_output: &Tensor, step: usize, sample: &Tensor, rng: &mut NoiseRng) -> candle_core::Result<Tensor>;
+    /// `original` noised with `noise` to the noise level of step index `step` (diffusers'
+    /// `add_noise` at that step: image-to-image starts, inpainting's re-noised image).
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step: usize) -> candle_core::Result<Tensor>;
 }
 
 /// The schedulers a request can pick.

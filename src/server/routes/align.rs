@@ -42,6 +42,18 @@ pub struct AlignEventList {
     pub data: Vec<AlignEvent>,
 }
 
+/// One server-sent event of `GET /v1/align/jobs/{id}/events?stream=true`: the
+/// `text/event-stream` body is a sequence of these, each as `event:`, `id:` and `data:` lines.
+#[derive(ToSchema)]
+pub struct AlignJobStreamEvent {
+    /// The event's `type`.
+    pub event: String,
+    /// The event's `id`.
+    pub id: String,
+    /// The event, as JSON.
+    pub data: AlignEvent,
+}
+
 /// A reward a job may name.
 #[derive(Serialize, ToSchema)]
 pub struct RewardDescription {
@@ -59,13 +71,16 @@ pub struct RewardList {
 
 /// Query of the events endpoint.
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct EventsQuery {
-    /// Only events with a larger id (a `Last-Event-ID` header, as sent by a reconnecting
-    /// EventSource, counts too: the larger of the two wins).
+    /// Only events with a larger id (default 0: all; a `Last-Event-ID` header, as sent by a
+    /// reconnecting EventSource, counts too: the larger of the two wins).
     #[serde(default)]
+    #[param(required = false)]
     pub after: u64,
     /// Answer with server-sent events (also chosen by `Accept: text/event-stream`).
     #[serde(default)]
+    #[param(required = false)]
     pub stream: bool,
 }
 
@@ -95,9 +110,9 @@ async fn validate(state: &AppState, req: &mut AlignRequest, seed: u64) -> Result
     }
     let model = state.ready_model()?;
     let (width, height) = req.size(model.native_size());
-    model.latent_shape(width, height).map_err(|e| ApiError::invalid("width", e.to_string()))?;
     (req.width, req.height) = (Some(width), Some(height));
     req.to_config(&AlignLimits::default(), seed, model.native_size()).map_err(|(param, message)| ApiError::invalid(param, message))?;
+    req.check_model(&model).map_err(|(param, message)| ApiError::invalid(param, message))?;
     build_all(&req.rewards, &state.reward_models).map_err(|e| ApiError::invalid("rewards", format!("{e:#}")))?;
     if let Some(init) = &req.init_adapter {
         if !state.adapters.exists(init).await {
@@ -109,11 +124,12 @@ async fn validate(state: &AppState, req: &mut AlignRequest, seed: u64) -> Result
 
 /// Start an AlignProp run.
 ///
-/// Validates the request (400 for bad values, 404 for a missing `init_adapter`, 409 when the
-/// adapter exists without `overwrite`, 503 while the model loads) and queues the job: 202
-/// with the job object; `width` and `height` default to the model's native size. On
-/// success the adapter is written to `adapters/<adapter_name>.safetensors` and is usable at
-/// once. `POST /align` is the same endpoint.
+/// Validates the request (400 for bad values, including sizes the trainer cannot do and
+/// prompts longer than the text encoder sees; 404 for a missing `init_adapter`; 409 when the
+/// adapter exists without `overwrite`; 503 while the model loads) and queues the job: 202
+/// with the job object; `width` and `height` default to the model's native size. On success
+/// the adapter is written to `adapters/<adapter_name>.safetensors` and is usable at once.
+/// `POST /align` is the same endpoint.
 #[utoipa::path(
     post,
     path = "/v1/align/jobs",
@@ -221,7 +237,7 @@ pub async fn cancel_align_job(State(state): State<AppState>, ApiPath(id): ApiPat
         ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event id (sent by reconnecting EventSource clients)")),
     responses(
         (status = 200, description = "The events (JSON list, or an event stream ending with the final status event)",
-            content((AlignEventList = "application/json"), (String = "text/event-stream"))),
+            content((AlignEventList = "application/json"), (AlignJobStreamEvent = "text/event-stream"))),
         (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
         (status = 404, description = "No such job", body = ErrorResponse),
     ),

@@ -6,13 +6,29 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
+use utoipa::IntoResponses;
 
 use crate::server::api::{ImageGenerationRequest, ImagesResponse};
 use crate::server::error::{ApiError, ErrorResponse, ErrorType};
 use crate::server::extract::ApiJson;
 use crate::server::jobs::{Job, JobOutcome, JobQueue, SubmitError};
-use crate::server::params;
+use crate::server::params::{self, Validated};
 use crate::server::state::AppState;
+
+/// The refusals every queued image request (generation, edit, job) may get.
+#[derive(IntoResponses)]
+pub enum QueueRefusals {
+    #[response(status = 401, description = "Missing or wrong API key")]
+    Unauthorized(ErrorResponse),
+    #[response(status = 404, description = "A requested adapter does not exist")]
+    AdapterNotFound(ErrorResponse),
+    #[response(status = 429, description = "The queue is full",
+        headers(("Retry-After" = u64, description = "Seconds to wait before retrying")))]
+    QueueFull(ErrorResponse),
+    #[response(status = 503, description = "The model is still loading",
+        headers(("Retry-After" = u64, description = "Seconds to wait before retrying")))]
+    Loading(ErrorResponse),
+}
 
 /// Validates a request, resolves its adapters and queues it; `retained` jobs stay pollable
 /// after they end.
@@ -23,6 +39,11 @@ pub async fn submit(
 ) -> Result<Arc<Job>, ApiError> {
     let model = state.ready_model()?;
     let validated = params::validate(&state.config, &state.model_id, &model, &req)?;
+    enqueue(state, validated, retained).await
+}
+
+/// Resolves a validated request's adapters, records a retained job and queues it.
+pub async fn enqueue(state: &AppState, validated: Validated, retained: bool) -> Result<Arc<Job>, ApiError> {
     let spec = params::resolve_loras(&state.adapters, validated).await?;
     let mut job = Job::new(spec, retained);
     if retained {
@@ -75,13 +96,8 @@ impl Drop for CancelOnDrop {
     responses(
         (status = 200, description = "The images, their seeds and the effective parameters", body = ImagesResponse),
         (status = 400, description = "Malformed JSON or a value out of range", body = ErrorResponse),
-        (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
-        (status = 404, description = "A requested adapter does not exist", body = ErrorResponse),
-        (status = 429, description = "The queue is full", body = ErrorResponse,
-            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
         (status = 500, description = "Generation failed", body = ErrorResponse),
-        (status = 503, description = "The model is still loading", body = ErrorResponse,
-            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+        QueueRefusals,
     ),
     security(("bearer" = []))
 )]
@@ -90,6 +106,12 @@ pub async fn create_image(
     ApiJson(req): ApiJson<ImageGenerationRequest>,
 ) -> Result<Json<ImagesResponse>, ApiError> {
     let job = submit(&state, req, false).await?;
+    respond(&state, job).await
+}
+
+/// Waits for a synchronous job and answers with its images (cancelling it if the client
+/// goes away first).
+pub async fn respond(state: &AppState, job: Arc<Job>) -> Result<Json<ImagesResponse>, ApiError> {
     let mut guard = CancelOnDrop {
         queue: state.jobs.clone(),
         id: Some(job.id.clone()),

@@ -3,16 +3,18 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{FromRequest, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream::{self, Stream, StreamExt};
 
+use super::edits::submit_edit;
 use super::events::{last_event_id, next_change};
-use super::images::submit;
-use crate::server::api::{ImageGenerationRequest, ImageJob, JobStatus};
+use super::images::{submit, QueueRefusals};
+use crate::server::api::{ImageEditForm, ImageGenerationRequest, ImageJob, ImageJobStreamEvent, JobStatus};
+use crate::server::edit_form::EditForm;
 use crate::server::error::{ApiError, ErrorResponse};
 use crate::server::extract::{ApiJson, ApiPath};
 use crate::server::jobs::{view_record, CancelOutcome, Job, JobQueue};
@@ -49,34 +51,57 @@ fn stored_view(r: &ImageJobRecord, with_result: bool) -> Result<ImageJob, ApiErr
     view_record(r, with_result).map_err(store_error)
 }
 
+/// A job submission: a generation (JSON) or an edit (`multipart/form-data`).
+pub enum JobRequest {
+    Generation(ImageGenerationRequest),
+    Edit(EditForm),
+}
+
+impl<S: Send + Sync> FromRequest<S> for JobRequest {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let multipart = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("multipart/form-data"));
+        Ok(if multipart {
+            JobRequest::Edit(EditForm::from_request(req, state).await?)
+        } else {
+            JobRequest::Generation(ApiJson::from_request(req, state).await?.0)
+        })
+    }
+}
+
 /// Submit an image job.
 ///
-/// Same body as `POST /v1/images/generations`; answers at once with 202 and the job, whose
+/// A JSON body as `POST /v1/images/generations`, or a `multipart/form-data` body as
+/// `POST /v1/images/edits` for an edit; answers at once with 202 and the job, whose
 /// `poll_url`, `events_url` and `cancel_url` lead on.
 #[utoipa::path(
     post,
     path = "/v1/images/jobs",
     tag = "jobs",
     operation_id = "create_image_job",
-    request_body = ImageGenerationRequest,
+    request_body(content(
+        (ImageGenerationRequest = "application/json"),
+        (ImageEditForm = "multipart/form-data"),
+    )),
     responses(
         (status = 202, description = "Queued", body = ImageJob,
             headers(("Location" = String, description = "The job's URL"))),
-        (status = 400, description = "Malformed JSON or a value out of range", body = ErrorResponse),
-        (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
-        (status = 404, description = "A requested adapter does not exist", body = ErrorResponse),
-        (status = 429, description = "The queue is full", body = ErrorResponse,
-            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
-        (status = 503, description = "The model is still loading", body = ErrorResponse,
-            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+        (status = 400, description = "Malformed JSON or form, an unreadable image or a value out of range", body = ErrorResponse),
+        (status = 413, description = "An edit form larger than `--max-image-upload-mb`", body = ErrorResponse),
+        QueueRefusals,
     ),
     security(("bearer" = []))
 )]
-pub async fn create_job(
-    State(state): State<AppState>,
-    ApiJson(req): ApiJson<ImageGenerationRequest>,
-) -> Result<Response, ApiError> {
-    let job = submit(&state, req, true).await?;
+pub async fn create_job(State(state): State<AppState>, req: JobRequest) -> Result<Response, ApiError> {
+    let job = match req {
+        JobRequest::Generation(req) => submit(&state, req, true).await?,
+        JobRequest::Edit(form) => submit_edit(&state, form, true).await?,
+    };
     let view = state.jobs.view(&job, false);
     let mut response = (StatusCode::ACCEPTED, Json(view)).into_response();
     if let Ok(v) = HeaderValue::from_str(&format!("/v1/images/jobs/{}", job.id)) {
@@ -245,7 +270,7 @@ fn stored_stream(state: AppState, id: String, after: Option<u64>) -> impl Stream
     params(("id" = String, Path, description = "Job id"),
         ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event id (sent by reconnecting EventSource clients)")),
     responses(
-        (status = 200, description = "An event stream of job objects, ending with the terminal event", content_type = "text/event-stream", body = String),
+        (status = 200, description = "Server-sent events, one per change of the job, ending with the terminal one", content_type = "text/event-stream", body = ImageJobStreamEvent),
         (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
         (status = 404, description = "No such job", body = ErrorResponse),
     ),

@@ -2,6 +2,8 @@
 
 pub mod adapters;
 pub mod align;
+pub mod docs;
+pub mod edits;
 pub mod events;
 pub mod images;
 pub mod jobs;
@@ -9,16 +11,13 @@ pub mod system;
 
 use std::time::Duration;
 
+use axum::extract::DefaultBodyLimit;
 use axum::http::{header, HeaderValue, Method};
 use axum::middleware::{from_fn, from_fn_with_state};
 use axum::routing::{get, post};
 use axum::Router;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::trace::TraceLayer;
-use utoipa::OpenApi;
-use utoipa_redoc::{Redoc, Servable};
-
-use super::openapi::ApiDoc;
 use super::state::AppState;
 
 /// The API routes, still needing their state: all of them, or for a `trainer` process only
@@ -31,9 +30,12 @@ fn routes(state: &AppState) -> Router<AppState> {
     if !state.config.role.serves() {
         return probes;
     }
+    let image_mb = state.config.limits.max_image_upload_mb.saturating_mul(1024 * 1024);
+    let image_limit = DefaultBodyLimit::max(usize::try_from(image_mb).unwrap_or(usize::MAX));
     Router::new()
         .route("/v1/images/generations", post(images::create_image))
-        .route("/v1/images/jobs", post(jobs::create_job))
+        .route("/v1/images/edits", post(edits::create_image_edit).layer(image_limit))
+        .route("/v1/images/jobs", post(jobs::create_job).layer(image_limit))
         .route("/v1/images/jobs/{id}", get(jobs::get_job))
         .route("/v1/images/jobs/{id}/cancel", post(jobs::cancel_job))
         .route("/v1/images/jobs/{id}/events", get(jobs::job_events))
@@ -55,7 +57,8 @@ fn routes(state: &AppState) -> Router<AppState> {
         .route("/v1/models/{id}", get(system::get_model))
         .merge(probes)
         .route("/openapi.json", get(system::openapi_json))
-        .merge(Redoc::with_url("/docs", ApiDoc::openapi()))
+        .route("/docs", get(docs::page))
+        .route("/docs/redoc.standalone.js", get(docs::redoc))
 }
 
 fn cors(origins: &[String]) -> anyhow::Result<Option<CorsLayer>> {

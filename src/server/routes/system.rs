@@ -141,11 +141,11 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-/// This document.
-pub async fn openapi_json() -> Response {
+/// The OpenAPI document of this server (its limits, its security).
+pub async fn openapi_json(State(state): State<AppState>) -> Response {
     (
         [(header::CONTENT_TYPE, "application/json")],
-        crate::server::openapi::spec_json(),
+        crate::server::openapi::document_json(&state.config),
     )
         .into_response()
 }
