@@ -3,7 +3,7 @@
 //! peak RSS (weights included) is its own.
 //!
 //! ```sh
-//! cargo bench --bench scale -- --model /work/bench-models/sd15-random
+//! cargo bench --bench scale -- --model bench-models/sd15-random
 //! ```
 //!
 //! The model folder is written first (an SD 1.5-architecture pipeline with seeded random

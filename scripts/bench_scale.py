@@ -9,7 +9,7 @@ call in the window under torch.utils.checkpoint, the VAE decode and the reward d
 gradient-norm clipping and AdamW.
 
 Needs torch, diffusers, transformers, peft and safetensors (not part of the test suite):
-    flock /work/locks/bigmem python3 scripts/bench_scale.py --model /work/bench-models/sd15-random
+    python3 scripts/bench_scale.py --model bench-models/sd15-random
     python3 scripts/bench_scale.py --model models/default --rows align@64/k1/s10,align@64/k2/s10,align@64/k10/s10/b2,generate@64/s20 --reps 5
 """
 import argparse

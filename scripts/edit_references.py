@@ -4,7 +4,7 @@ StableDiffusionInpaintPipeline and their SDXL counterparts (4-channel UNet: the 
 path). Not run by CI (it needs torch); the outputs are committed and tests/edits.rs checks
 sdserve against them.
 
-usage: /work/venv-torch/bin/python scripts/edit_references.py [FIXTURES_DIR]
+usage: python3 scripts/edit_references.py [FIXTURES_DIR]
        (FIXTURES_DIR defaults to tests/fixtures)
 
 Writes FIXTURES_DIR/tiny-sd1/reference/edits/ and FIXTURES_DIR/tiny-sdxl/reference/edits/:

@@ -2,7 +2,7 @@
 on the tiny-sd1 test fixture, made with peft / diffusers. Not run by CI (it needs torch); the
 outputs are committed and tests/lycoris.rs checks sdserve against them.
 
-usage: /work/venv-torch/bin/python scripts/lycoris_references.py [FIXTURE_DIR]
+usage: python3 scripts/lycoris_references.py [FIXTURE_DIR]
        (FIXTURE_DIR defaults to tests/fixtures/tiny-sd1)
 
 Writes, under FIXTURE_DIR:
