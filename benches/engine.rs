@@ -9,7 +9,7 @@ use std::time::Instant;
 use candle_core::{DType, Device};
 use sdserve::align::backprop::{full_graph, recompute, Objective, Trajectory};
 use sdserve::engine::pipeline::{to_pixels, GenerateParams, StableDiffusion};
-use sdserve::engine::noise::NoiseRng;
+use sdserve::noise::NoiseRng;
 use sdserve::engine::scheduler::Ddim;
 use sdserve::lora::{LoraSet, PipelineLora, TrainableLora};
 use sdserve::memory::PeakAlloc;

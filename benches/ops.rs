@@ -10,7 +10,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Result, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
-use sdserve::engine::noise::NoiseRng;
+use sdserve::noise::NoiseRng;
 use sdserve::lora::LoraSet;
 use sdserve::model::config::{UNetConfig, VaeConfig};
 use sdserve::model::nn::{self, GroupNorm};

@@ -3,7 +3,8 @@
 //!
 //! - [`model`]: diffusers-exact model code (UNet, VAE, CLIP) built from differentiable ops.
 //! - [`lora`]: LoRA adapter files, per-request delta sets and trainable adapters.
-//! - [`engine`]: schedulers, seeded noise and the text-to-image pipeline.
+//! - [`engine`]: schedulers, guidance and the text-to-image pipeline.
+//! - [`noise`] and [`optim`]: seeded Gaussian noise and AdamW, shared by every layer above.
 //! - [`align`] and [`rewards`]: AlignProp training and the rewards it maximises.
 //! - [`dataset`] and [`eval`]: the procedural shapes data and its analytic evaluator.
 //! - [`stores`]: jobs, the adapter registry and adapter blobs, shared by every process.
@@ -16,6 +17,8 @@ pub mod eval;
 pub mod lora;
 pub mod memory;
 pub mod model;
+pub mod noise;
+pub mod optim;
 pub mod pretrain;
 pub mod rewards;
 pub mod server;

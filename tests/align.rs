@@ -11,7 +11,7 @@ use common::TempDir;
 use sdserve::align::request::{AlignLimits, AlignRequest};
 use sdserve::align::validation::Validator;
 use sdserve::align::{attention_targets, runner, trainer};
-use sdserve::engine::noise::NoiseRng;
+use sdserve::noise::NoiseRng;
 use sdserve::engine::pipeline::StableDiffusion;
 use sdserve::lora::{LoraAdapter, LoraSet, PipelineLora, TrainableLora};
 use sdserve::rewards::registry::{build_all, RewardModels};

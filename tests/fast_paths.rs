@@ -7,7 +7,7 @@ mod common;
 mod training;
 
 use candle_core::{DType, Device, Tensor, Var};
-use sdserve::engine::noise::NoiseRng;
+use sdserve::noise::NoiseRng;
 use sdserve::engine::pipeline::StableDiffusion;
 use sdserve::lora::{LoraSet, PipelineLora};
 use sdserve::model::unet::Conditioning;

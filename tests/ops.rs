@@ -6,7 +6,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::max_abs_diff;
-use sdserve::engine::noise::NoiseRng;
+use sdserve::noise::NoiseRng;
 use sdserve::model::nn;
 use sdserve::model::ops::with_composed_ops;
 

@@ -8,7 +8,7 @@ mod training;
 use candle_core::{DType, Device, Tensor};
 use sdserve::align::attention_targets;
 use sdserve::align::backprop::{full_graph, recompute, Backprop, Objective, Trajectory};
-use sdserve::engine::noise::NoiseRng;
+use sdserve::noise::NoiseRng;
 use sdserve::engine::scheduler::Ddim;
 use sdserve::lora::TrainableLora;
 use sdserve::memory::PeakAlloc;

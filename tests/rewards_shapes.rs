@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
 use sdserve::dataset::{Color, Scene, Split};
-use sdserve::engine::noise::NoiseRng;
+use sdserve::noise::NoiseRng;
 use sdserve::pretrain::Params;
 use sdserve::rewards::object_count::{ObjectCount, ObjectCountConfig, ObjectCounter};
 use sdserve::rewards::object_count_train::{self, held_out_accuracy, renders, TrainCounterArgs};

@@ -180,7 +180,7 @@ fn vae_tiled_decode_matches_diffusers() {
 #[test]
 fn vae_sliced_decode_equals_batched_decode() {
     let vae = load(DType::F32);
-    let z = sdserve::engine::noise::NoiseRng::new(5).randn((3, 4, 8, 8), DType::F32, &Device::Cpu).unwrap();
+    let z = sdserve::noise::NoiseRng::new(5).randn((3, 4, 8, 8), DType::F32, &Device::Cpu).unwrap();
     let err = common::max_abs_diff(&vae.decode_sliced(&z).unwrap(), &vae.decode(&z).unwrap());
     assert!(err <= 1e-6, "sliced decode differs by {err}");
 }

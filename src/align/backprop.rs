@@ -14,7 +14,7 @@ use std::time::Instant;
 use candle_core::{DType, Result, Tensor, Var};
 
 use super::chain::{self, Tape};
-use super::optim::grad_or_zeros;
+use crate::optim::grad_or_zeros;
 use crate::engine::denoise::{combine_guidance, guidance_input};
 use crate::engine::scheduler::Ddim;
 use crate::lora::{LoraSet, TrainableLora};

@@ -2,7 +2,7 @@
 //!
 //! - [`backprop`]: truncated backprop through a batch of DDIM trajectories, full-graph and
 //!   layer-by-layer recompute ([`chain`]: chained vector-Jacobian products).
-//! - [`optim`]: AdamW and gradient clipping; [`trainer`]: the training loop;
+//! - [`trainer`]: the training loop (AdamW and clipping from [`crate::optim`]);
 //!   [`validation`]: keeping the best state on a validation set.
 //! - [`request`] and [`prompts`]: the job request and built-in prompt sets.
 //! - [`jobs`]: persisted background jobs with events and cancellation; [`runner`]: one run,
@@ -11,7 +11,6 @@
 pub mod backprop;
 pub mod chain;
 pub mod jobs;
-pub mod optim;
 pub mod prompts;
 pub mod request;
 pub mod runner;

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::optim::AdamWConfig;
+use crate::optim::AdamWConfig;
 use super::prompts::prompt_set;
 use super::trainer::{AlignConfig, Truncation};
 use super::validation::Validation;

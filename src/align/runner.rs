@@ -11,7 +11,7 @@ use serde_json::{json, Map, Value};
 use super::request::AlignRequest;
 use super::trainer::{train, AlignConfig, StepReport, StopReason};
 use super::validation::Selection;
-use crate::engine::noise::NoiseRng;
+use crate::noise::NoiseRng;
 use crate::engine::pipeline::StableDiffusion;
 use crate::lora::{save_diffusers, LoraAdapter, TrainableLora};
 use crate::rewards::WeightedRewards;

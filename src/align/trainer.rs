@@ -11,9 +11,9 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::backprop::{recompute, Backprop, Objective, Trajectory};
-use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use super::validation::{Selection, Validation, Validator};
-use crate::engine::noise::NoiseRng;
+use crate::noise::NoiseRng;
 use crate::engine::denoise::uses_guidance;
 use crate::engine::pipeline::{to_pixels, StableDiffusion};
 use crate::engine::scheduler::Ddim;

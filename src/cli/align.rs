@@ -10,7 +10,7 @@ use super::DeviceArgs;
 use crate::align::request::{AlignLimits, AlignRequest, TruncationRequest};
 use crate::align::runner;
 use crate::align::validation::Validation;
-use crate::engine::noise::random_seed;
+use crate::noise::random_seed;
 use crate::lora::LoraAdapter;
 use crate::rewards::registry::{build_all, RewardModels, RewardSpec};
 use crate::stores::registry::{name_problem, valid_name};

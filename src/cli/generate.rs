@@ -7,7 +7,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::{DeviceArgs, LoraArg};
 use crate::engine::image::{encode, to_rgb, OutputFormat};
-use crate::engine::noise::random_seed;
+use crate::noise::random_seed;
 use crate::engine::pipeline::GenerateParams;
 use crate::engine::scheduler::SchedulerKind;
 use crate::lora::{LoraAdapter, PipelineLora};

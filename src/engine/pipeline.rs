@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::denoise::guided_noise_pred;
-use super::noise::NoiseRng;
+use crate::noise::NoiseRng;
 use super::scheduler::{Scheduler, SchedulerKind};
 use crate::lora::{LoraSet, LoraTargets, PipelineLora};
 use crate::model::clip::ClipTextModel;

@@ -3,7 +3,7 @@
 use candle_core::{DType, Device, Result, Tensor, Var};
 
 use super::{Component, LoraAdapter, LoraDelta, LoraSet};
-use crate::engine::noise::NoiseRng;
+use crate::noise::NoiseRng;
 
 /// One adapted linear layer: `down` is `[rank, in]`, `up` is `[out, rank]`.
 #[derive(Debug)]

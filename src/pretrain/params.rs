@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
-use crate::engine::noise::NoiseRng;
+use crate::noise::NoiseRng;
 
 struct Store {
     vars: BTreeMap<String, Var>,

@@ -12,8 +12,8 @@ use rand_chacha::ChaCha8Rng;
 use super::checkpoint::Checkpointer;
 use super::data::batch;
 use super::params::Params;
-use crate::align::optim::{AdamW, AdamWConfig};
-use crate::engine::noise::NoiseRng;
+use crate::optim::{AdamW, AdamWConfig};
+use crate::noise::NoiseRng;
 use crate::model::config::VaeConfig;
 use crate::model::vae::AutoencoderKL;
 

@@ -102,7 +102,7 @@ impl Reward for Incompressibility {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::noise::NoiseRng;
+    use crate::noise::NoiseRng;
 
     #[test]
     fn estimate_ranks_images_like_the_real_encoder() {

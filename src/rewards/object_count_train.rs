@@ -15,7 +15,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 
 use super::object_count::{ObjectCountConfig, ObjectCounter};
-use crate::align::optim::{AdamW, AdamWConfig};
+use crate::optim::{AdamW, AdamWConfig};
 use crate::pretrain::checkpoint::{Checkpointer, TrainState};
 use crate::dataset::{sample, Scene, Split};
 use crate::engine::image::{rgb_planes, to_rgb};

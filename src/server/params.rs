@@ -184,7 +184,7 @@ pub fn validate(
     }
     let first = req
         .seed
-        .unwrap_or_else(|| crate::engine::noise::random_seed() & RANDOM_SEED_MASK);
+        .unwrap_or_else(|| crate::noise::random_seed() & RANDOM_SEED_MASK);
     let seeds: Vec<u64> = (0..n as u64).map(|i| first.wrapping_add(i)).collect();
     let parameters = GenerationParameters {
         model: model_id.to_string(),

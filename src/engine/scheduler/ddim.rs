@@ -5,7 +5,7 @@ use candle_core::Tensor;
 
 use super::schedule::{alphas_cumprod, spaced_timesteps};
 use super::Scheduler;
-use crate::engine::noise::NoiseRng;
+use crate::noise::NoiseRng;
 use crate::model::config::SchedulerConfig;
 
 /// What the model predicts.

@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use super::ddim::Prediction;
 use super::schedule::{check_steps, interp, karras_sigmas, linspace, sigma_to_t, trailing, train_sigmas};
 use super::Scheduler;
-use crate::engine::noise::NoiseRng;
+use crate::noise::NoiseRng;
 use crate::model::config::SchedulerConfig;
 
 #[derive(Clone, Debug)]

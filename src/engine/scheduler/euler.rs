@@ -8,7 +8,7 @@ use candle_core::{DType, Tensor};
 use super::ddim::Prediction;
 use super::schedule::{interp, karras_sigmas, sigma_to_t, spaced_timesteps, train_sigmas};
 use super::Scheduler;
-use crate::engine::noise::NoiseRng;
+use crate::noise::NoiseRng;
 use crate::model::config::SchedulerConfig;
 
 /// The timesteps, sigmas and initial noise scale of diffusers' Euler schedulers, in f32 as

@@ -16,7 +16,7 @@ pub use ddim::{Ddim, Prediction};
 pub use dpm_solver::DpmSolverMultistep;
 pub use euler::Euler;
 
-use crate::engine::noise::NoiseRng;
+use crate::noise::NoiseRng;
 use crate::model::config::SchedulerConfig;
 
 /// A sampler over a fixed list of timesteps.

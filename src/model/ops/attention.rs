@@ -341,7 +341,7 @@ mod tests {
     use super::*;
 
     fn randn(seed: u64, shape: &[usize]) -> Tensor {
-        crate::engine::noise::NoiseRng::new(seed).randn(shape, DType::F64, &Device::Cpu).unwrap()
+        crate::noise::NoiseRng::new(seed).randn(shape, DType::F64, &Device::Cpu).unwrap()
     }
 
     /// Several chunks per head, and one head split into groups of chunks in the backward

@@ -16,7 +16,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::events::{last_event_id, next_change};
 use crate::align::jobs::{AlignEvent, AlignJob};
 use crate::align::request::{AlignLimits, AlignRequest};
-use crate::engine::noise::random_seed;
+use crate::noise::random_seed;
 use crate::rewards::registry::{build_all, REWARDS};
 use crate::server::adapters::AdapterError;
 use crate::server::error::{ApiError, ErrorResponse};
