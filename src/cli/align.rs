@@ -147,8 +147,8 @@ pub fn run(args: AlignArgs) -> Result<()> {
     let seed = args.seed.unwrap_or_else(random_seed);
     let request = args.request(seed)?;
     let rewards = build_all(&request.rewards, &RewardModels::new(&args.reward_models))?;
-    let device = args.device.device()?;
     let sd = args.device.load(&args.model)?;
+    let device = sd.device.clone();
     let cfg = request.to_config(&AlignLimits::default(), seed, sd.native_size()).map_err(|(param, msg)| anyhow!("{param}: {msg}"))?;
     eprintln!("training at {}x{}", cfg.width, cfg.height);
     let init = match &args.init_adapter {

@@ -88,8 +88,8 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     if args.images == 0 {
         bail!("--images must be at least 1");
     }
-    let device = args.device.device()?;
     let sd = args.device.load(&args.model)?;
+    let device = sd.device.clone();
     let mut lora = PipelineLora::default();
     for l in &args.loras {
         LoraAdapter::from_file(&l.path, &sd.lora_targets, &device)?.add_to(l.weight, &mut lora);

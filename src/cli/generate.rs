@@ -55,8 +55,8 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let device = args.device.device()?;
     let sd = args.device.load(&args.model)?;
+    let device = sd.device.clone();
     let mut lora = PipelineLora::default();
     for l in &args.loras {
         LoraAdapter::from_file(&l.path, &sd.lora_targets, &device)?.add_to(l.weight, &mut lora);
