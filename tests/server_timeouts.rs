@@ -54,6 +54,10 @@ fn half_sent_requests_time_out() {
     let form = b"POST /v1/images/edits HTTP/1.1\r\nHost: localhost\r\ncontent-type: multipart/form-data; boundary=b\r\ncontent-length: 500\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nx\r\n--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\n\x89PNG";
     let (status, error) = error_of(&exchange(addr, form));
     assert_eq!((status, error["code"].as_str()), (408, Some("request_timeout")), "{error}");
+    // an adapter upload (streamed to a file) that stalls: the same 408
+    let upload = b"PUT /v1/adapters/stalled HTTP/1.1\r\nHost: localhost\r\ncontent-length: 1000\r\n\r\nsafetensors";
+    let (status, error) = error_of(&exchange(addr, upload));
+    assert_eq!((status, error["code"].as_str()), (408, Some("request_timeout")), "{error}");
     s.assert_still_serving();
 }
 

@@ -153,14 +153,14 @@ impl BlobStore {
     pub async fn stage<S, E>(&self, mut body: S, limit: u64) -> Result<StagedFile, StageError>
     where
         S: futures_util::Stream<Item = Result<bytes::Bytes, E>> + Unpin,
-        E: std::fmt::Display,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let path = self.cache_dir.join(format!(".upload-{}.tmp", uuid::Uuid::new_v4().simple()));
         let mut staged = StagedFile { path, sha256: String::new(), size: 0 };
         let mut file = tokio::fs::File::create(&staged.path).await.map_err(|e| StageError::Io(e.to_string()))?;
         let mut hasher = Sha256::new();
         while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| StageError::Body(e.to_string()))?;
+            let chunk = chunk.map_err(|e| StageError::Body(e.into()))?;
             staged.size += chunk.len() as u64;
             if staged.size > limit {
                 return Err(StageError::TooLarge);
@@ -326,8 +326,9 @@ impl BlobStore {
 pub enum StageError {
     #[error("the upload is larger than the limit")]
     TooLarge,
+    /// The body's own error, kept whole so that callers can tell a read timeout by its source.
     #[error("cannot read the request body: {0}")]
-    Body(String),
+    Body(Box<dyn std::error::Error + Send + Sync>),
     #[error("cannot write a temporary file: {0}")]
     Io(String),
 }

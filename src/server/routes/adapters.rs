@@ -8,7 +8,7 @@ use axum::Json;
 
 use crate::server::adapters::AdapterError;
 use crate::server::api::{AdapterDeleted, AdapterInfo, AdapterList, AdapterReload, UploadQuery};
-use crate::server::error::{ApiError, ErrorResponse};
+use crate::server::error::{is_body_timeout, ApiError, ErrorResponse};
 use crate::server::extract::{ApiPath, ApiQuery};
 use crate::server::state::AppState;
 use crate::stores::blobs::StageError;
@@ -102,7 +102,8 @@ pub async fn put_adapter(
     }
     let staged = state.adapters.blobs().stage(body.into_data_stream(), limit).await.map_err(|e| match e {
         StageError::TooLarge => ApiError::payload_too_large(format!("the adapter is larger than {} MiB (--max-upload-mb)", state.config.max_upload_mb)),
-        StageError::Body(m) => ApiError::bad_request(m),
+        StageError::Body(e) if is_body_timeout(&*e) => ApiError::body_timeout(),
+        StageError::Body(e) => ApiError::bad_request(format!("cannot read request body: {e}")).code("invalid_body"),
         StageError::Io(m) => ApiError::internal(m),
     })?;
     if staged.size == 0 {
