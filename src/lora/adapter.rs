@@ -378,8 +378,10 @@ fn parse_key<'k>(key: &'k str, targets: &'k LoraTargets) -> Result<ParsedKey<'k>
 
 /// The module path of kohya's sgm-named SDXL UNet module (`input_blocks_4_1_…`).
 fn sgm_path<'t>(targets: &'t LoraTargets, component: Component, name: &str) -> Option<&'t str> {
-    let diffusers = super::sgm::to_diffusers(name, targets.unet_layers_per_block())?;
-    (component == Component::Unet).then(|| targets.from_underscored(component, &diffusers)).flatten()
+    if component != Component::Unet {
+        return None;
+    }
+    targets.from_underscored(component, &super::sgm::to_diffusers(name, targets.unet_layers_per_block())?)
 }
 
 /// The peft `LoraConfig` diffusers stores in the file's metadata, either flat (`lora_alpha`)

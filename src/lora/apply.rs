@@ -86,7 +86,12 @@ pub fn apply(
             (Some(dora), Some(wx)) => {
                 let dense = d.update.weight(base)?;
                 let layer_base = Base { layer, kernel, weight, wx };
-                dora.output(&layer_base, x, &dense, d.scale, |x| update_output(layer, kernel, x, &d.update, base))?
+                // A dense update (LoHa, LoKr, Tucker) runs with the weight built once above.
+                let delta = |x: &Tensor| match &d.update {
+                    Update::LowRank { .. } => update_output(layer, kernel, x, &d.update, base),
+                    _ => layer.run(kernel, x, &dense),
+                };
+                dora.output(&layer_base, x, &dense, d.scale, delta)?
             }
             _ => (update_output(layer, kernel, x, &d.update, base)? * d.scale)?,
         };

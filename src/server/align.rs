@@ -116,7 +116,7 @@ fn run_job(state: &AppState, rt: &Handle, job: AlignJob) {
             tracing::warn!("cannot record the end of align job {}: {e:#}", job.id);
         }
     }
-    let status = rt.block_on(store.get(&job.id)).ok().flatten().map(|j| j.status.as_str()).unwrap_or("unknown");
+    let status = rt.block_on(store.status(&job.id)).ok().flatten().map(AlignStatus::as_str).unwrap_or("unknown");
     metrics::gauge!("sdserve_align_jobs_running").decrement(1.0);
     metrics::counter!("sdserve_align_jobs_total", "status" => status).increment(1);
 }

@@ -73,13 +73,14 @@ pub async fn serve(listener: TcpListener, router: Router, timeouts: Timeouts, sh
 /// The JSON response for hyper's own answer `head` (status line and headers, no body), if it
 /// is one: hyper answers requests it cannot parse with a bodiless 400, 414 or 431 and closes.
 fn json_protocol_error(head: &[u8]) -> Option<Vec<u8>> {
-    let text = std::str::from_utf8(head).ok()?;
-    let (status, message, code) = match text.get(..12)? {
-        "HTTP/1.1 400" => (StatusCode::BAD_REQUEST, "malformed HTTP request: the request line or a header cannot be parsed", "malformed_request"),
-        "HTTP/1.1 414" => (StatusCode::URI_TOO_LONG, "the request URI is too long", "uri_too_long"),
-        "HTTP/1.1 431" => (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "the request headers are too large (or too many)", "headers_too_large"),
+    // The status line first: this runs on every write, most of them large response bodies.
+    let (status, message, code) = match head.get(..12)? {
+        b"HTTP/1.1 400" => (StatusCode::BAD_REQUEST, "malformed HTTP request: the request line or a header cannot be parsed", "malformed_request"),
+        b"HTTP/1.1 414" => (StatusCode::URI_TOO_LONG, "the request URI is too long", "uri_too_long"),
+        b"HTTP/1.1 431" => (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "the request headers are too large (or too many)", "headers_too_large"),
         _ => return None,
     };
+    let text = std::str::from_utf8(head).ok()?;
     let empty = "\r\ncontent-length: 0\r\n";
     let at = text.to_ascii_lowercase().find(empty)?;
     if !text.ends_with("\r\n\r\n") {
