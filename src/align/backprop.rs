@@ -13,12 +13,12 @@ use std::time::Instant;
 
 use candle_core::{DType, Result, Tensor, Var};
 
-use super::chain::{self, Tape};
+use super::chain;
 use crate::optim::grad_or_zeros;
 use crate::engine::denoise::{combine_guidance, guidance_input};
 use crate::engine::scheduler::Ddim;
 use crate::lora::{LoraSet, TrainableLora};
-use crate::model::staged::{run_to_one, Staged};
+use crate::model::staged::{self, run_to_one, Staged};
 use crate::model::unet::{Conditioning, UNet2DConditionModel};
 
 /// A batch of B trajectories sampled together: the frozen UNet, the DDIM schedule and the
@@ -144,14 +144,6 @@ pub fn full_graph(traj: &Trajectory, lora: &TrainableLora, x_t: &Tensor, k: usiz
     Ok(Backprop { loss, rewards, grads })
 }
 
-/// The single tensor a tape ends with.
-fn tape_output(tape: &Tape) -> Result<Tensor> {
-    match tape.output.as_slice() {
-        [t] => Ok(t.clone()),
-        _ => candle_core::bail!("the pass did not end with a single tensor"),
-    }
-}
-
 /// The same gradient as [`full_graph`], recomputing one layer at a time during the backward
 /// pass; trajectory `b` of the batch carries gradient through its last `ks[b]` steps.
 pub fn recompute(traj: &Trajectory, lora: &TrainableLora, x_t: &Tensor, ks: &[usize], objective: &Objective) -> Result<Backprop> {
@@ -169,14 +161,14 @@ pub fn recompute(traj: &Trajectory, lora: &TrainableLora, x_t: &Tensor, ks: &[us
     let mut tapes = Vec::with_capacity(len - first);
     for i in first..len {
         let tape = chain::record(&traj.step_pass(i, &frozen)?, vec![x])?;
-        x = tape_output(&tape)?;
+        x = staged::single(&tape.output)?;
         tapes.push(tape);
     }
     tracing::debug!("{len} denoising steps in {:.2} s", clock.elapsed().as_secs_f64());
 
     let clock = Instant::now();
     let decoded = chain::record(objective.decoder, vec![x])?;
-    let images = Var::from_tensor(&tape_output(&decoded)?)?;
+    let images = Var::from_tensor(&staged::single(&decoded.output)?)?;
     let (loss, rewards) = (objective.score)(images.as_tensor())?;
     let image_grad = grad_or_zeros(&loss.backward()?, &images)?;
     let (loss, rewards) = summarize(&loss, &rewards)?;

@@ -57,11 +57,7 @@ impl StableDiffusion {
     pub fn encode(&self, images: &Tensor, noise: &Tensor) -> candle_core::Result<Tensor> {
         let vae = |t: &Tensor| t.to_dtype(self.vae_dtype);
         let z = self.vae.encode(&vae(images)?)?.sample(&vae(noise)?)?;
-        let z = match self.vae.config().shift_factor {
-            Some(s) => (z - s)?,
-            None => z,
-        };
-        (z * self.vae.config().scaling_factor)?.to_dtype(self.dtype)
+        self.vae.scale(&z)?.to_dtype(self.dtype)
     }
 
     /// Runs an edit; `on_step(done, total)` as in [`StableDiffusion::generate`], over the

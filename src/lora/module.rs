@@ -77,7 +77,7 @@ impl<'a> Found<'a> {
             _ => return Err(("factors of different kinds (LoRA, LoHa, LoKr) for one module", self.describe(Role::is_factor))),
         };
         for (key, view) in self.tensors.values() {
-            if !matches!(view.dtype(), Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64) {
+            if float_dtype(view.dtype()).is_none() {
                 return Err(("unsupported dtypes (need a float type)", format!("{key} {:?}", view.dtype())));
             }
         }
@@ -233,14 +233,20 @@ fn fits_tucker(base: &[usize], down: &[usize], mid: &[usize], up: &[usize]) -> b
         if i == input && o == out && rm == rd && ru == ru2 && mh == kh && mw == kw && *rd > 0 && *ru > 0)
 }
 
+/// The candle dtype of a float tensor in a file; `None` for any other type.
+fn float_dtype(dtype: Dtype) -> Option<DType> {
+    match dtype {
+        Dtype::F16 => Some(DType::F16),
+        Dtype::BF16 => Some(DType::BF16),
+        Dtype::F32 => Some(DType::F32),
+        Dtype::F64 => Some(DType::F64),
+        _ => None,
+    }
+}
+
 /// Loads a floating-point tensor on the CPU as f32.
 fn to_f32(view: &TensorView) -> candle_core::Result<Tensor> {
-    let dtype = match view.dtype() {
-        Dtype::F16 => DType::F16,
-        Dtype::BF16 => DType::BF16,
-        Dtype::F64 => DType::F64,
-        _ => DType::F32,
-    };
+    let dtype = float_dtype(view.dtype()).ok_or_else(|| candle_core::Error::Msg(format!("not a float tensor ({:?})", view.dtype())))?;
     Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)?.to_dtype(DType::F32)
 }
 

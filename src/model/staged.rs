@@ -41,9 +41,13 @@ pub fn run_all(pass: &dyn Staged, input: Vec<Tensor>) -> Result<Vec<Tensor>> {
 
 /// The single tensor a pass ends with.
 pub fn run_to_one(pass: &dyn Staged, input: Tensor) -> Result<Tensor> {
-    let mut out = run_all(pass, vec![input])?;
-    match (out.pop(), out.is_empty()) {
-        (Some(t), true) => Ok(t),
+    single(&run_all(pass, vec![input])?)
+}
+
+/// The one tensor of a finished pass's stack (an error when it holds more or none).
+pub fn single(stack: &[Tensor]) -> Result<Tensor> {
+    match stack {
+        [t] => Ok(t.clone()),
         _ => candle_core::bail!("the pass did not end with a single tensor"),
     }
 }

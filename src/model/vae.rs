@@ -426,6 +426,16 @@ impl AutoencoderKL {
         run_to_one(&self.scaled_decoder(), latents.clone())
     }
 
+    /// Encoder samples → latents as the sampler uses them: minus `shift_factor` where the
+    /// config has one, times `scaling_factor` (the inverse of [`Self::unscale`]).
+    pub fn scale(&self, z: &Tensor) -> Result<Tensor> {
+        let z = match self.config.shift_factor {
+            Some(s) => (z - s)?,
+            None => z.clone(),
+        };
+        z * self.config.scaling_factor
+    }
+
     /// Latents as the sampler produces them → the decoder's input: in the VAE's dtype,
     /// divided by `scaling_factor`, plus `shift_factor` where the config has one.
     pub fn unscale(&self, latents: &Tensor) -> Result<Tensor> {

@@ -2,7 +2,6 @@
 //! the output size, the strength checked, on top of the generation checks of [`params`].
 
 use candle_core::Device;
-use sha2::{Digest, Sha256};
 
 use super::api::{EditMode, EditParameters};
 use super::config::ServerConfig;
@@ -13,6 +12,7 @@ use super::params::{self, Validated};
 use crate::engine::edit::first_step;
 use crate::engine::image::{decode, image_tensor, mask_tensor};
 use crate::engine::pipeline::{ModelFamily, StableDiffusion};
+use crate::stores::blobs::sha256_hex;
 
 /// Largest side of an input image or mask, in pixels (checked before decoding its pixels).
 pub const MAX_INPUT_SIDE: u32 = 4096;
@@ -72,8 +72,8 @@ pub fn validate(
     spec.parameters.edit = Some(EditParameters {
         mode,
         strength,
-        image_sha256: hex::encode(Sha256::digest(&image_file)),
-        mask_sha256: mask_file.map(|m| hex::encode(Sha256::digest(&m))),
+        image_sha256: sha256_hex(&image_file),
+        mask_sha256: mask_file.as_deref().map(sha256_hex),
     });
     Ok(validated)
 }

@@ -132,7 +132,7 @@ impl BlobStore {
     /// Where sdserve writes a new version of `name` (see the module doc).
     pub fn key_for(&self, name: &str, sha256: &str) -> String {
         if self.is_local() {
-            format!("{name}.safetensors")
+            Self::dropped_key(name)
         } else {
             format!("blobs/{sha256}.safetensors")
         }

@@ -10,7 +10,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{self, simd_dispatch, Float, Mat, SharedMut};
+use super::cpu::{self, by_dtype, simd_dispatch, Float, Mat, SharedMut};
 
 /// Score elements per chunk buffer (4 MiB of f32).
 const CHUNK_ELEMS: usize = 1 << 20;
@@ -295,20 +295,12 @@ impl CustomOp3 for Attention {
 
     fn cpu_fwd(&self, qs: &CpuStorage, ql: &Layout, ks: &CpuStorage, kl: &Layout, vs: &CpuStorage, vl: &Layout) -> Result<(CpuStorage, Shape)> {
         let d = Dims::new(ql, kl, vl, self.max_chunk)?;
-        let out = match qs.dtype() {
-            candle_core::DType::F32 => self.forward::<f32>(qs, ql, ks, kl, vs, vl)?,
-            candle_core::DType::F64 => self.forward::<f64>(qs, ql, ks, kl, vs, vl)?,
-            dt => candle_core::bail!("attention kernel: unsupported dtype {dt:?}"),
-        };
+        let out = by_dtype!(qs.dtype(), self.forward(qs, ql, ks, kl, vs, vl))?;
         Ok((out, Shape::from((ql.dims()[0], d.q_len, ql.dims()[1], d.v_dim))))
     }
 
     fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dq, dk, dv) = match q.dtype() {
-            candle_core::DType::F32 => self.backward::<f32>(q, k, v, out, grad)?,
-            candle_core::DType::F64 => self.backward::<f64>(q, k, v, out, grad)?,
-            dt => candle_core::bail!("attention kernel: unsupported dtype {dt:?}"),
-        };
+        let (dq, dk, dv) = by_dtype!(q.dtype(), self.backward(q, k, v, out, grad))?;
         let keep = |t: &Tensor, g: Tensor| t.track_op().then_some(g);
         Ok((keep(q, dq), keep(k, dk), keep(v, dv)))
     }

@@ -12,7 +12,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{self, Float, Mat, SharedMut};
+use super::cpu::{self, by_dtype, Float, Mat, SharedMut};
 
 /// Output pixels per tile.
 const TILE_PIXELS: usize = 512;
@@ -280,14 +280,6 @@ impl Conv2d {
         Ok((T::to_cpu_storage_owned(y), Shape::from((g.batch, g.c_out, g.out_h(), g.out_w()))))
     }
 
-    fn dispatch_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, bias: Option<(&CpuStorage, &Layout)>) -> Result<(CpuStorage, Shape)> {
-        match xs.dtype() {
-            candle_core::DType::F32 => self.fwd::<f32>(xs, xl, ws, wl, bias),
-            candle_core::DType::F64 => self.fwd::<f64>(xs, xl, ws, wl, bias),
-            dt => candle_core::bail!("conv kernel: unsupported dtype {dt:?}"),
-        }
-    }
-
     /// Gradients of `x`, `w` and `b`, each only when that input tracks a gradient.
     fn bwd_t<T: Float>(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, dy: &Tensor) -> Result<[Option<Tensor>; 3]> {
         let g = Geometry::new(x.dims(), w.dims(), self.stride, self.padding)?;
@@ -307,13 +299,6 @@ impl Conv2d {
             Ok([dx, dw, db])
         })
     }
-
-    fn bwd_any(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, dy: &Tensor) -> Result<[Option<Tensor>; 3]> {
-        match x.dtype() {
-            candle_core::DType::F32 => self.bwd_t::<f32>(x, w, b, dy),
-            _ => self.bwd_t::<f64>(x, w, b, dy),
-        }
-    }
 }
 
 impl CustomOp2 for Conv2d {
@@ -322,11 +307,11 @@ impl CustomOp2 for Conv2d {
     }
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.dispatch_fwd(xs, xl, ws, wl, None)
+        by_dtype!(xs.dtype(), self.fwd(xs, xl, ws, wl, None))
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let [dx, dw, _] = self.bwd_any(x, w, None, dy)?;
+        let [dx, dw, _] = by_dtype!(x.dtype(), self.bwd_t(x, w, None, dy))?;
         Ok((dx, dw))
     }
 }
@@ -337,11 +322,11 @@ impl CustomOp3 for Conv2d {
     }
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, bs: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.dispatch_fwd(xs, xl, ws, wl, Some((bs, bl)))
+        by_dtype!(xs.dtype(), self.fwd(xs, xl, ws, wl, Some((bs, bl))))
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let [dx, dw, db] = self.bwd_any(x, w, Some(b), dy)?;
+        let [dx, dw, db] = by_dtype!(x.dtype(), self.bwd_t(x, w, Some(b), dy))?;
         Ok((dx, dw, db))
     }
 }

@@ -162,12 +162,20 @@ pub fn tensor<T: WithDType>(data: Vec<T>, shape: &Shape) -> Result<Tensor> {
     Tensor::from_vec(data, shape, &Device::Cpu)
 }
 
-/// Calls the generic function `$f` instantiated for the dtype `$dtype` (f32 or f64).
+/// Calls the generic function `$f` (or method `$recv.$f`) instantiated for the dtype
+/// `$dtype` (f32 or f64).
 macro_rules! by_dtype {
     ($dtype:expr, $f:ident($($arg:expr),* $(,)?)) => {
         match $dtype {
             candle_core::DType::F32 => $f::<f32>($($arg),*),
             candle_core::DType::F64 => $f::<f64>($($arg),*),
+            d => candle_core::bail!("cpu kernel: unsupported dtype {d:?}"),
+        }
+    };
+    ($dtype:expr, $recv:ident . $f:ident($($arg:expr),* $(,)?)) => {
+        match $dtype {
+            candle_core::DType::F32 => $recv.$f::<f32>($($arg),*),
+            candle_core::DType::F64 => $recv.$f::<f64>($($arg),*),
             d => candle_core::bail!("cpu kernel: unsupported dtype {d:?}"),
         }
     };

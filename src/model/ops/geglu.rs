@@ -6,7 +6,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{self, simd_dispatch, Float};
+use super::cpu::{self, by_dtype, simd_dispatch, Float};
 use super::softmax::rows_per_task;
 
 /// `gelu(x) = x·Φ(x)` with the exact (erf) normal CDF, and its derivative `Φ(x) + x·φ(x)`.
@@ -86,19 +86,12 @@ impl CustomOp1 for Geglu {
             Some(last) if *last % 2 == 0 => *last /= 2,
             _ => candle_core::bail!("geglu: the last dimension of {:?} must be even", l.dims()),
         }
-        let y = match s.dtype() {
-            candle_core::DType::F32 => forward::<f32>(s, l)?,
-            candle_core::DType::F64 => forward::<f64>(s, l)?,
-            dt => candle_core::bail!("geglu kernel: unsupported dtype {dt:?}"),
-        };
+        let y = by_dtype!(s.dtype(), forward(s, l))?;
         Ok((y, Shape::from(dims)))
     }
 
     fn bwd(&self, h: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        match h.dtype() {
-            candle_core::DType::F32 => backward::<f32>(h, g).map(Some),
-            _ => backward::<f64>(h, g).map(Some),
-        }
+        by_dtype!(h.dtype(), backward(h, g)).map(Some)
     }
 }
 

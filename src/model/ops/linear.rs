@@ -6,7 +6,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::cpu::{self, Float, Mat};
+use super::cpu::{self, by_dtype, Float, Mat};
 
 /// The linear op over `(x, weight)` or `(x, weight, bias)`.
 struct Linear;
@@ -85,19 +85,12 @@ impl CustomOp2 for Linear {
     }
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let y = match xs.dtype() {
-            candle_core::DType::F32 => forward::<f32>(xs, xl, ws, wl, None)?,
-            candle_core::DType::F64 => forward::<f64>(xs, xl, ws, wl, None)?,
-            dt => candle_core::bail!("linear kernel: unsupported dtype {dt:?}"),
-        };
+        let y = by_dtype!(xs.dtype(), forward(xs, xl, ws, wl, None))?;
         Ok((y, out_shape(xl, wl.dims()[0])))
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let [dx, dw, _] = match x.dtype() {
-            candle_core::DType::F32 => backward::<f32>(x, w, None, g)?,
-            _ => backward::<f64>(x, w, None, g)?,
-        };
+        let [dx, dw, _] = by_dtype!(x.dtype(), backward(x, w, None, g))?;
         Ok((dx, dw))
     }
 }
@@ -108,19 +101,12 @@ impl CustomOp3 for Linear {
     }
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, bs: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let y = match xs.dtype() {
-            candle_core::DType::F32 => forward::<f32>(xs, xl, ws, wl, Some((bs, bl)))?,
-            candle_core::DType::F64 => forward::<f64>(xs, xl, ws, wl, Some((bs, bl)))?,
-            dt => candle_core::bail!("linear kernel: unsupported dtype {dt:?}"),
-        };
+        let y = by_dtype!(xs.dtype(), forward(xs, xl, ws, wl, Some((bs, bl))))?;
         Ok((y, out_shape(xl, wl.dims()[0])))
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let [dx, dw, db] = match x.dtype() {
-            candle_core::DType::F32 => backward::<f32>(x, w, Some(b), g)?,
-            _ => backward::<f64>(x, w, Some(b), g)?,
-        };
+        let [dx, dw, db] = by_dtype!(x.dtype(), backward(x, w, Some(b), g))?;
         Ok((dx, dw, db))
     }
 }

@@ -13,7 +13,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{self, simd_dispatch, Float};
+use super::cpu::{self, by_dtype, simd_dispatch, Float};
 
 /// How the segments map onto affine channels.
 #[derive(Clone, Copy, Debug)]
@@ -283,20 +283,12 @@ impl CustomOp3 for Norm {
     }
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, bs: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = match xs.dtype() {
-            candle_core::DType::F32 => self.forward::<f32>(xs, xl, ws, wl, bs, bl)?,
-            candle_core::DType::F64 => self.forward::<f64>(xs, xl, ws, wl, bs, bl)?,
-            dt => candle_core::bail!("norm kernel: unsupported dtype {dt:?}"),
-        };
+        let out = by_dtype!(xs.dtype(), self.forward(xs, xl, ws, wl, bs, bl))?;
         Ok((out, xl.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, db) = match x.dtype() {
-            candle_core::DType::F32 => self.backward::<f32>(x, w, b, g)?,
-            candle_core::DType::F64 => self.backward::<f64>(x, w, b, g)?,
-            dt => candle_core::bail!("norm kernel: unsupported dtype {dt:?}"),
-        };
+        let (dx, dw, db) = by_dtype!(x.dtype(), self.backward(x, w, b, g))?;
         Ok((x.track_op().then_some(dx), w.track_op().then_some(dw), b.track_op().then_some(db)))
     }
 }
