@@ -57,19 +57,6 @@ fn vb() -> VarBuilder<'static> {
     VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, Device::Cpu)
 }
 
-const SD15_UNET: &str = r#"{
-  "block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 768,
-  "attention_head_dim": 8, "layers_per_block": 2,
-  "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
-}"#;
-
-const SD15_VAE: &str = r#"{
-  "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 4,
-  "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
-  "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"]
-}"#;
-
 fn randn(seed: u64, shape: impl Into<Shape>) -> Result<Tensor> {
     NoiseRng::new(seed).randn(shape, DType::F32, &Device::Cpu)
 }
@@ -138,7 +125,7 @@ fn run(case: &str) -> Result<()> {
             }
         }
         "unet_512" | "unet_256" => {
-            let cfg: UNetConfig = serde_json::from_str(SD15_UNET).map_err(candle_core::Error::wrap)?;
+            let cfg: UNetConfig = serde_json::from_value(sdserve::pretrain::sd15::unet_config()).map_err(candle_core::Error::wrap)?;
             let unet = UNet2DConditionModel::new(vb(), &cfg).map_err(candle_core::Error::wrap)?;
             let side = if case == "unet_512" { 64 } else { 32 };
             let x = randn(9, (2, 4, side, side))?;
@@ -146,7 +133,7 @@ fn run(case: &str) -> Result<()> {
             time(case, 1, || unet.forward(&x, 500.0, &ctx, LoraSet::none()).map(drop))
         }
         "vae_decode_512" | "vae_decode_256" => {
-            let cfg: VaeConfig = serde_json::from_str(SD15_VAE).map_err(candle_core::Error::wrap)?;
+            let cfg: VaeConfig = serde_json::from_value(sdserve::pretrain::sd15::vae_config()).map_err(candle_core::Error::wrap)?;
             let vae = AutoencoderKL::new(vb(), &cfg).map_err(candle_core::Error::wrap)?;
             let side = if case == "vae_decode_512" { 64 } else { 32 };
             let z = randn(11, (1, 4, side, side))?;

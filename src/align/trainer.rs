@@ -224,26 +224,26 @@ pub struct Batch {
 
 /// Draws a micro-batch from `rng`, trajectory by trajectory: prompt, noise seed, truncation.
 fn draw_batch(sd: &StableDiffusion, cfg: &AlignConfig, shape: (usize, usize, usize, usize), prompts: &mut PromptCache, rng: &mut ChaCha8Rng) -> Result<Batch> {
-    let mut batch = Batch { prompts: vec![], conds: vec![], x_t: Tensor::zeros(0, sd.dtype, &sd.device)?, step_noise: vec![], ks: vec![] };
+    let (mut batch_prompts, mut conds, mut ks) = (vec![], vec![], vec![]);
     let (mut starts, mut noises): (Vec<Tensor>, Vec<Vec<Tensor>>) = (vec![], vec![]);
     for _ in 0..cfg.batch_size {
         let prompt = cfg.prompts[rng.random_range(0..cfg.prompts.len())].clone();
-        batch.conds.push(prompts.get(&prompt)?);
-        batch.prompts.push(prompt);
+        conds.push(prompts.get(&prompt)?);
+        batch_prompts.push(prompt);
         let mut noise = NoiseRng::new(rng.random());
         starts.push(noise.randn(shape, sd.dtype, &sd.device)?);
         if cfg.eta > 0.0 {
             noises.push((0..cfg.sampler_steps).map(|_| noise.randn(shape, sd.dtype, &sd.device)).collect::<candle_core::Result<_>>()?);
         }
-        batch.ks.push(cfg.truncation.draw(rng));
+        ks.push(cfg.truncation.draw(rng));
     }
-    batch.x_t = Tensor::cat(&starts, 0)?;
-    if cfg.eta > 0.0 {
-        batch.step_noise = (0..cfg.sampler_steps)
+    let step_noise = match cfg.eta > 0.0 {
+        true => (0..cfg.sampler_steps)
             .map(|i| Tensor::cat(&noises.iter().map(|n| &n[i]).collect::<Vec<_>>(), 0).map(Some))
-            .collect::<candle_core::Result<_>>()?;
-    }
-    Ok(batch)
+            .collect::<candle_core::Result<_>>()?,
+        false => vec![],
+    };
+    Ok(Batch { prompts: batch_prompts, conds, x_t: Tensor::cat(&starts, 0)?, step_noise, ks })
 }
 
 /// Per-trajectory conditionings stacked for one batched UNet call: with guidance the

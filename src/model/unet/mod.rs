@@ -126,7 +126,8 @@ impl UNet2DConditionModel {
         }
 
         let out_pad = (c.conv_out_kernel - 1) / 2;
-        let mut unet = Self {
+        let layers = pass::build_layers(&down_blocks, mid_block.as_ref(), &up_blocks);
+        Ok(Self {
             conv_in,
             time_embedding,
             add_embedding,
@@ -136,10 +137,8 @@ impl UNet2DConditionModel {
             conv_norm_out: GroupNorm::new(vb.pp("conv_norm_out"), c.norm_num_groups, boc[0], c.norm_eps)?,
             conv_out: Conv2d::new(vb.pp("conv_out"), boc[0], c.out_channels, c.conv_out_kernel, 1, out_pad, true)?,
             config: config.clone(),
-            layers: Vec::new(),
-        };
-        unet.layers = unet.build_layers();
-        Ok(unet)
+            layers,
+        })
     }
 
     pub fn config(&self) -> &UNetConfig {

@@ -5,6 +5,7 @@
 use candle_core::{Result, Tensor};
 
 use super::embeddings::timestep_features;
+use super::blocks::{DownBlock, MidBlock, UpBlock};
 use super::{Conditioning, UNet2DConditionModel};
 use crate::lora::LoraSet;
 use crate::model::staged::Staged;
@@ -43,49 +44,49 @@ impl Layer {
     }
 }
 
-impl UNet2DConditionModel {
-    /// The layers of the forward pass in order (fixed by the architecture).
-    pub(super) fn build_layers(&self) -> Vec<Layer> {
-        let mut layers = vec![Layer::In];
-        let mut skips = 1;
-        for (block, b) in self.down_blocks.iter().enumerate() {
-            for j in 0..b.resnets.len() {
-                let attention = j < b.attentions.len();
-                layers.push(Layer::DownResnet { block, j, push: !attention });
-                if attention {
-                    layers.push(Layer::DownAttention { block, j });
-                }
-                skips += 1;
+/// The layers of the forward pass in order (fixed by the architecture: the blocks).
+pub(super) fn build_layers(down_blocks: &[DownBlock], mid_block: Option<&MidBlock>, up_blocks: &[UpBlock]) -> Vec<Layer> {
+    let mut layers = vec![Layer::In];
+    let mut skips = 1;
+    for (block, b) in down_blocks.iter().enumerate() {
+        for j in 0..b.resnets.len() {
+            let attention = j < b.attentions.len();
+            layers.push(Layer::DownResnet { block, j, push: !attention });
+            if attention {
+                layers.push(Layer::DownAttention { block, j });
             }
-            if b.downsampler.is_some() {
-                layers.push(Layer::Downsample { block });
-                skips += 1;
-            }
+            skips += 1;
         }
-        if let Some(mid) = &self.mid_block {
-            layers.push(Layer::MidResnet { j: 0 });
-            for j in 0..mid.attentions.len().min(mid.resnets.len() - 1) {
-                layers.push(Layer::MidAttention { j });
-                layers.push(Layer::MidResnet { j: j + 1 });
-            }
+        if b.downsampler.is_some() {
+            layers.push(Layer::Downsample { block });
+            skips += 1;
         }
-        for (block, b) in self.up_blocks.iter().enumerate() {
-            for j in 0..b.resnets.len() {
-                layers.push(Layer::UpResnet { block, j });
-                skips -= 1;
-                if j < b.attentions.len() {
-                    layers.push(Layer::UpAttention { block, j });
-                }
-            }
-            // As diffusers: upsample to the size of the skips the next block consumes.
-            if b.upsampler.is_some() && skips > 0 {
-                layers.push(Layer::Upsample { block });
-            }
-        }
-        layers.push(Layer::Out);
-        layers
     }
+    if let Some(mid) = mid_block {
+        layers.push(Layer::MidResnet { j: 0 });
+        for j in 0..mid.attentions.len().min(mid.resnets.len() - 1) {
+            layers.push(Layer::MidAttention { j });
+            layers.push(Layer::MidResnet { j: j + 1 });
+        }
+    }
+    for (block, b) in up_blocks.iter().enumerate() {
+        for j in 0..b.resnets.len() {
+            layers.push(Layer::UpResnet { block, j });
+            skips -= 1;
+            if j < b.attentions.len() {
+                layers.push(Layer::UpAttention { block, j });
+            }
+        }
+        // As diffusers: upsample to the size of the skips the next block consumes.
+        if b.upsampler.is_some() && skips > 0 {
+            layers.push(Layer::Upsample { block });
+        }
+    }
+    layers.push(Layer::Out);
+    layers
+}
 
+impl UNet2DConditionModel {
     /// The forward pass with one timestep per batch item, as layers (see
     /// [`Self::forward_timesteps`]).
     pub fn pass<'a>(&'a self, timesteps: &'a [f64], cond: &'a Conditioning, lora: &'a LoraSet) -> UNetPass<'a> {
