@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use sdserve::engine::edit::EditParams;
 use sdserve::engine::image::{decode, image_tensor, mask_tensor};
 use sdserve::engine::pipeline::{GenerateParams, StableDiffusion};
-use sdserve::lora::{LoraAdapter, PipelineLora};
+use sdserve::lora::PipelineLora;
 use serde_json::Value;
 
 fn edits_dir() -> std::path::PathBuf {
@@ -32,11 +32,7 @@ fn check_manifest(model: &std::path::Path, expected_cases: usize) {
         let name = case["name"].as_str().unwrap();
         let reference = candle_core::safetensors::load(dir.join(format!("{name}.safetensors")), &Device::Cpu).unwrap();
         let mask = case["mask"].as_str().map(|m| mask_tensor(&read(m), 64, 64, &Device::Cpu).unwrap());
-        let mut lora = PipelineLora::default();
-        if let Value::Object(l) = &case["lora"] {
-            let file = model.join(l["file"].as_str().unwrap());
-            LoraAdapter::from_file(&file, &sd.lora_targets, &Device::Cpu).unwrap().add_to(l["scale"].as_f64().unwrap(), &mut lora);
-        }
+        let lora = common::loras(&sd, model, &common::case_loras(case));
         let params = EditParams {
             generate: GenerateParams {
                 negative_prompt: case["negative_prompt"].as_str().map(String::from),

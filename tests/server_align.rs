@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use server_support::common::terminal;
 use server_support::{assert_error, start, TestServer};
 
 fn align_body(name: &str, steps: usize) -> Value {
@@ -52,10 +53,6 @@ fn wait_align(s: &TestServer, id: &str, pred: impl Fn(&Value) -> bool) -> Value 
         assert!(start.elapsed() < Duration::from_secs(300), "align job stuck: {job}");
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-fn terminal(job: &Value) -> bool {
-    matches!(job["status"].as_str(), Some("succeeded" | "failed" | "cancelled"))
 }
 
 /// Mean pixel value of generated images for fixed seeds, with or without the adapter.

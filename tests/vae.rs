@@ -56,7 +56,7 @@ fn vae_decodes_every_batch_item_as_alone() {
     let batch = vae.decode_scaled(&Tensor::cat(&[&latents, &other], 0).unwrap()).unwrap();
     for (i, z) in [&latents, &other].into_iter().enumerate() {
         let alone = vae.decode(&(z / config().scaling_factor).unwrap()).unwrap();
-        let diff = (alone - batch.narrow(0, i, 1).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = common::max_abs_diff(&alone, &batch.narrow(0, i, 1).unwrap());
         assert!(diff <= 1e-5, "batch item {i} differs by {diff}");
     }
 }

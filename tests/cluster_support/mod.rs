@@ -1,7 +1,8 @@
 //! Real components for the multi-process tests and the cluster bench: a PostgreSQL server
 //! (the distribution's binaries, `initdb` into a temporary folder, run as an unprivileged user
 //! when the tests run as root), an S3-compatible server (`s3s-fs`, from crates.io), and
-//! `sdserve serve` processes with their roles. `.ci/run` installs both programs; a missing one
+//! `sdserve serve` processes with their roles. The README's test command (which `.ci/run` runs)
+//! installs both programs (`scripts/install-test-deps.sh`); a missing one
 //! fails the test with the command that installs it. Everything is stopped when dropped.
 #![allow(dead_code)]
 
@@ -16,6 +17,8 @@ use serde_json::Value;
 #[path = "../common/mod.rs"]
 mod common;
 pub use common::fixture_dir;
+#[allow(unused_imports)] // used by the cluster test and bench, not by every includer
+pub use common::terminal;
 
 /// A temporary folder removed on drop.
 pub struct TempDir(pub PathBuf);
@@ -97,10 +100,7 @@ impl Postgres {
             .spawn()
             .expect("postgres starts");
         let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(start.elapsed() < Duration::from_secs(60), "postgres did not listen within 60 s");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_listening(port, start, 60, "postgres");
         // Accepting connections is not yet accepting logins: wait for pg_isready.
         while !Command::new(bin.join("pg_isready")).args(["-h", "127.0.0.1", "-p", &port.to_string()]).stdout(Stdio::null()).status().unwrap().success() {
             assert!(start.elapsed() < Duration::from_secs(60), "postgres not ready within 60 s");
@@ -152,11 +152,7 @@ impl S3 {
             .stderr(std::fs::File::create(dir.0.join("s3s.log")).unwrap())
             .spawn()
             .expect("s3s-fs starts");
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(start.elapsed() < Duration::from_secs(30), "s3s-fs did not listen within 30 s");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_listening(port, Instant::now(), 30, "s3s-fs");
         Self { endpoint: format!("http://127.0.0.1:{port}"), bucket, root, child, _dir: dir }
     }
 
@@ -322,20 +318,6 @@ impl Sdserve {
             let _ = c.wait();
         }
     }
-
-    /// SIGTERM and wait (a clean stop).
-    pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
-            let start = Instant::now();
-            while c.try_wait().ok().flatten().is_none() {
-                if start.elapsed() > Duration::from_secs(30) {
-                    let _ = c.kill();
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
 }
 
 impl Drop for Sdserve {
@@ -373,6 +355,10 @@ pub fn align_body(name: &str, steps: usize) -> Value {
     })
 }
 
-pub fn terminal(job: &Value) -> bool {
-    matches!(job["status"].as_str(), Some("succeeded" | "failed" | "cancelled"))
+/// Waits until `port` accepts connections, failing `secs` seconds after `start`.
+fn wait_listening(port: u16, start: Instant, secs: u64, what: &str) {
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed() < Duration::from_secs(secs), "{what} did not listen within {secs} s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

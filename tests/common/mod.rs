@@ -122,3 +122,8 @@ pub fn draw(sd: &StableDiffusion, dir: &Path, case: &serde_json::Value, files: &
 pub fn reference(dir: &Path, name: &str) -> Tensor {
     candle_core::safetensors::load(dir.join(format!("reference/{name}.safetensors")), &Device::Cpu).unwrap()["image"].clone()
 }
+
+/// Whether a job (image or /align, as the API returns it) has ended.
+pub fn terminal(job: &serde_json::Value) -> bool {
+    matches!(job["status"].as_str(), Some("succeeded" | "failed" | "cancelled"))
+}

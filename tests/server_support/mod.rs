@@ -176,11 +176,7 @@ impl TestServer {
             if pred(&job) {
                 return job;
             }
-            let terminal = matches!(
-                job["status"].as_str(),
-                Some("succeeded" | "failed" | "cancelled")
-            );
-            assert!(!terminal, "job {id} ended before becoming {what}: {job}");
+            assert!(!common::terminal(&job), "job {id} ended before becoming {what}: {job}");
             assert!(
                 start.elapsed() < Duration::from_secs(120),
                 "job {id} never became {what}: {job}"
@@ -190,12 +186,7 @@ impl TestServer {
     }
 
     pub fn wait_terminal(&self, id: &str) -> Value {
-        self.wait_job(id, "terminal", |j| {
-            matches!(
-                j["status"].as_str(),
-                Some("succeeded" | "failed" | "cancelled")
-            )
-        })
+        self.wait_job(id, "terminal", common::terminal)
     }
 
     /// Still healthy and still generating.
