@@ -11,6 +11,6 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
 fi
 if ! command -v s3s-fs >/dev/null 2>&1 && [ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin/s3s-fs" ]; then
   echo "installing s3s-fs (cargo install s3s-fs)"
-  # 0.14.1: the newest release that builds with the Rust of rust-toolchain / CI (0.15+ need 1.96).
+  # 0.14.1: the newest release that builds with the Rust this project is built with (1.95; 0.15+ need 1.96).
   cargo install --locked s3s-fs@0.14.1 --features binary
 fi

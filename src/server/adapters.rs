@@ -563,7 +563,8 @@ impl AdapterRegistry {
         let bytes = summary.memory_bytes.max(1);
         let mut inner = self.lock();
         if self.blobs.is_local() {
-            // Our own write: no need to hash it again on the next scan.
+            // Our own write replaced the file: forget the version seen before it, so that the
+            // next scan reads the new file (finding the version just registered).
             inner.seen.remove(name);
         }
         self.apply(&mut inner, name, Some(stored.clone()));
