@@ -24,7 +24,7 @@ use crate::align::request::AlignLimits;
 use crate::align::runner;
 use crate::align::trainer::{StepReport, StopReason};
 use crate::rewards::registry::build_all;
-use crate::stores::align_jobs::StepVerdict;
+use crate::stores::align_jobs::{is_align_job, StepVerdict};
 use crate::stores::blobs::StagedFile;
 use crate::stores::registry::JobGuard;
 use crate::stores::{cache_dir, AdapterMeta, Change};
@@ -59,10 +59,17 @@ fn trainer_loop(state: &AppState, rt: &Handle) {
                 tracing::info!("align job {} claimed by {}", job.id, state.instance_id);
                 run_job(state, rt, job);
             }
-            // Sleep until a job changes anywhere (a submission) or the poll interval passes.
+            // Sleep until an /align job changes anywhere (a submission), this process leaves, or
+            // the poll interval passes; image jobs' progress cannot give a trainer work.
             Ok(None) => rt.block_on(async {
                 let _ = tokio::time::timeout(poll, async {
-                    while !matches!(changes.recv().await, Ok(Change::Job(_)) | Err(_)) {}
+                    loop {
+                        match changes.recv().await {
+                            Ok(Change::Job(id)) if id.is_empty() || is_align_job(&id) => break,
+                            Ok(_) => {}
+                            Err(_) => break,
+                        }
+                    }
                 })
                 .await;
             }),

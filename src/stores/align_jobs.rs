@@ -117,6 +117,14 @@ pub struct AlignJobStore {
     db: Db,
 }
 
+/// How every /align job id begins (image job ids begin otherwise).
+const ID_PREFIX: &str = "alignjob-";
+
+/// Whether `id` names an /align job.
+pub fn is_align_job(id: &str) -> bool {
+    id.starts_with(ID_PREFIX)
+}
+
 impl AlignJobStore {
     pub fn new(db: Db) -> Self {
         Self { db }
@@ -128,7 +136,7 @@ impl AlignJobStore {
 
     /// Queues a validated request.
     pub async fn submit(&self, request: &AlignRequest, seed: u64) -> Result<AlignJob> {
-        let id = format!("alignjob-{}", uuid::Uuid::new_v4().simple());
+        let id = format!("{ID_PREFIX}{}", uuid::Uuid::new_v4().simple());
         let mut tx = self.db.pool.begin().await?;
         sqlx::query(
             "INSERT INTO align_jobs (id, status, adapter_name, created_at, queued_ms, seed, total_steps, metrics, request) \

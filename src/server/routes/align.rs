@@ -252,11 +252,11 @@ pub async fn align_job_events(
     let after = query.after.max(last_event_id(&headers).unwrap_or(0));
     let wants_stream = query.stream
         || headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("text/event-stream"));
-    let job = state.stores.align.get(&id).await.map_err(db_error)?.ok_or_else(|| not_found(&id))?;
+    state.stores.align.status(&id).await.map_err(db_error)?.ok_or_else(|| not_found(&id))?;
     if wants_stream {
         return Ok(Sse::new(event_stream(state, id, after)).keep_alive(KeepAlive::default()).into_response());
     }
-    let data = job.events.into_iter().filter(|e| e.id > after).collect();
+    let data = state.stores.align.events(&id, after).await.map_err(db_error)?;
     Ok(Json(AlignEventList { object: "list".into(), data }).into_response())
 }
 
