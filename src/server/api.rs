@@ -408,6 +408,13 @@ pub struct JobProgress {
     pub images_done: u32,
 }
 
+impl JobProgress {
+    pub fn new(step: u32, total_steps: u32, images_done: u32) -> Self {
+        let fraction = if total_steps == 0 { 0.0 } else { step as f64 / total_steps as f64 };
+        Self { step, total_steps, fraction, images_done }
+    }
+}
+
 /// Why a job failed or was cancelled.
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 pub struct JobError {

@@ -277,7 +277,7 @@ impl Job {
     /// The job as returned by the API; `queue_position` comes from the queue.
     pub fn view(&self, queue_position: Option<u32>, with_result: bool) -> ImageJob {
         let s = self.lock().clone();
-        let base = format!("/v1/images/jobs/{}", self.id);
+        let [poll_url, events_url, cancel_url] = job_urls(&self.id);
         ImageJob {
             id: self.id.clone(),
             object: "image.job".into(),
@@ -291,16 +291,7 @@ impl Job {
                 None
             },
             cancel_requested: self.cancel_requested() && s.status == JobStatus::Running,
-            progress: JobProgress {
-                step: s.step,
-                total_steps: s.total_steps,
-                fraction: if s.total_steps == 0 {
-                    0.0
-                } else {
-                    s.step as f64 / s.total_steps as f64
-                },
-                images_done: s.images_done,
-            },
+            progress: JobProgress::new(s.step, s.total_steps, s.images_done),
             parameters: self.spec.parameters.clone(),
             result: if with_result {
                 s.result.as_deref().cloned()
@@ -308,9 +299,9 @@ impl Job {
                 None
             },
             error: s.error.clone(),
-            poll_url: base.clone(),
-            events_url: format!("{base}/events"),
-            cancel_url: format!("{base}/cancel"),
+            poll_url,
+            events_url,
+            cancel_url,
         }
     }
 
@@ -349,7 +340,7 @@ impl Job {
 /// The API view of a stored job (one another replica owns, or one from before a restart).
 pub fn view_record(r: &ImageJobRecord, with_result: bool) -> anyhow::Result<ImageJob> {
     let status = JobStatus::parse(&r.status).ok_or_else(|| anyhow::anyhow!("unknown job status {:?}", r.status))?;
-    let base = format!("/v1/images/jobs/{}", r.id);
+    let [poll_url, events_url, cancel_url] = job_urls(&r.id);
     Ok(ImageJob {
         id: r.id.clone(),
         object: "image.job".into(),
@@ -359,22 +350,23 @@ pub fn view_record(r: &ImageJobRecord, with_result: bool) -> anyhow::Result<Imag
         finished_at: r.finished_at,
         queue_position: None,
         cancel_requested: r.cancel_requested && status == JobStatus::Running,
-        progress: JobProgress {
-            step: r.step,
-            total_steps: r.total_steps,
-            fraction: if r.total_steps == 0 { 0.0 } else { r.step as f64 / r.total_steps as f64 },
-            images_done: r.images_done,
-        },
+        progress: JobProgress::new(r.step, r.total_steps, r.images_done),
         parameters: serde_json::from_str(&r.parameters)?,
         result: match (&r.result, with_result) {
             (Some(json), true) => Some(serde_json::from_str(json)?),
             _ => None,
         },
         error: r.error.clone().map(|(code, message)| JobError { code, message }),
-        poll_url: base.clone(),
-        events_url: format!("{base}/events"),
-        cancel_url: format!("{base}/cancel"),
+        poll_url,
+        events_url,
+        cancel_url,
     })
+}
+
+/// A job's poll, events and cancel URLs.
+fn job_urls(id: &str) -> [String; 3] {
+    let base = format!("/v1/images/jobs/{id}");
+    [base.clone(), format!("{base}/events"), format!("{base}/cancel")]
 }
 
 /// Why a submission was refused.
