@@ -14,19 +14,7 @@ use server_support::common::terminal;
 use server_support::{assert_error, start, TestServer};
 
 fn align_body(name: &str, steps: usize) -> Value {
-    json!({
-        "adapter_name": name,
-        "prompts": ["two red circles", "a blue square"],
-        "rewards": [{"reward": "brightness", "weight": 1.0}],
-        "steps": steps,
-        "learning_rate": 0.01,
-        "sampler_steps": 4,
-        "truncation": {"k": 4},
-        "guidance_scale": 3.0,
-        "width": 32,
-        "height": 32,
-        "seed": 3
-    })
+    server_support::common::align_request(name, steps, 4, 4)
 }
 
 fn submit(s: &TestServer, body: &Value) -> Value {

@@ -338,21 +338,9 @@ pub fn eventually<T>(secs: f64, what: &str, mut f: impl FnMut() -> Option<T>) ->
     }
 }
 
-/// An /align request that trains quickly on the fixture model.
+/// An /align request that trains quickly on the fixture model (2 DDIM steps, K = 1).
 pub fn align_body(name: &str, steps: usize) -> Value {
-    serde_json::json!({
-        "adapter_name": name,
-        "prompts": ["two red circles", "a blue square"],
-        "rewards": [{"reward": "brightness", "weight": 1.0}],
-        "steps": steps,
-        "learning_rate": 0.01,
-        "sampler_steps": 2,
-        "truncation": {"k": 1},
-        "guidance_scale": 3.0,
-        "width": 32,
-        "height": 32,
-        "seed": 3
-    })
+    common::align_request(name, steps, 2, 1)
 }
 
 /// Waits until `port` accepts connections, failing `secs` seconds after `start`.

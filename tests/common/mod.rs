@@ -127,3 +127,20 @@ pub fn reference(dir: &Path, name: &str) -> Tensor {
 pub fn terminal(job: &serde_json::Value) -> bool {
     matches!(job["status"].as_str(), Some("succeeded" | "failed" | "cancelled"))
 }
+
+/// An /align request that trains quickly on the fixture model (32×32, brightness reward).
+pub fn align_request(name: &str, steps: usize, sampler_steps: usize, k: usize) -> serde_json::Value {
+    serde_json::json!({
+        "adapter_name": name,
+        "prompts": ["two red circles", "a blue square"],
+        "rewards": [{"reward": "brightness", "weight": 1.0}],
+        "steps": steps,
+        "learning_rate": 0.01,
+        "sampler_steps": sampler_steps,
+        "truncation": {"k": k},
+        "guidance_scale": 3.0,
+        "width": 32,
+        "height": 32,
+        "seed": 3
+    })
+}
